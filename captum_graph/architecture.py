@@ -1,0 +1,312 @@
+"""A read-only view of a traced model: nodes, queries and the Grad-CAM target."""
+import difflib
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .tracing import trace
+
+__all__ = ["ModelArchitecture", "NodeInfo"]
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        module = "operator" if module == "_operator" else module
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{module}.{name}" if module else name
+    return str(node.target)
+
+
+@dataclass(frozen=True, eq=False)
+class NodeInfo:
+    """One node of a traced model, with helpers for finding layers.
+
+    ``opcode``, ``name`` and ``target`` mirror the fx node (``target`` as a
+    string, e.g. ``'layer1.0.conv1'`` or ``'operator.add'``); the other
+    attributes are computed from the node and its graph.
+    """
+
+    opcode: str
+    name: str
+    target: str
+    _node: fx.Node = field(repr=False, compare=False)
+    _architecture: "ModelArchitecture" = field(repr=False, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NodeInfo) and other._node is self._node
+
+    def __hash__(self) -> int:
+        return hash(self._node)
+
+    @property
+    def qualname(self) -> str:
+        """The qualified name: module path plus operation, e.g. ``'layer1.0.add'``."""
+        return self._node.meta.get("qualname", self.name)
+
+    @property
+    def meta(self) -> Dict[str, Any]:
+        return self._node.meta
+
+    @property
+    def args(self) -> Tuple[Any, ...]:
+        return self._architecture._wrap(self._node.args)
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        return self._architecture._wrap(dict(self._node.kwargs))
+
+    @property
+    def users(self) -> Tuple["NodeInfo", ...]:
+        return tuple(self._architecture._info(user) for user in self._node.users)
+
+    @property
+    def next(self) -> Optional["NodeInfo"]:
+        return self._architecture._neighbour(self._node.next)
+
+    @property
+    def prev(self) -> Optional["NodeInfo"]:
+        return self._architecture._neighbour(self._node.prev)
+
+    @property
+    def operator(self) -> Any:
+        """The module called (``call_module``), the function, or the method name."""
+        if self.opcode in ("call_module", "get_attr"):
+            return self._architecture.root.get_submodule(self.target) if self.opcode == "call_module" else _get_attr(self._architecture.root, self.target)
+        return self._node.target
+
+    @property
+    def owning_module(self) -> Optional[Tuple[str, nn.Module]]:
+        """The ``(qualified name, module)`` this node belongs to.
+
+        For a module call, the module itself; for a functional operation, the
+        innermost module whose ``forward`` performed it; ``None`` at top level.
+        """
+        if self.opcode == "call_module":
+            return self.target, self.operator
+        stack = self._node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        return path, self._architecture.root.get_submodule(path)
+
+    @property
+    def shape(self) -> Optional[torch.Size]:
+        """The output shape, when shapes were propagated (see ``propagate_shapes``)."""
+        tensor_meta = self._node.meta.get("tensor_meta")
+        return getattr(tensor_meta, "shape", None)
+
+    def to_dict(self) -> Dict[str, str]:
+        return {"opcode": self.opcode, "name": self.name, "target": self.target}
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, attr)
+
+
+class ModelArchitecture:
+    """Graph queries on a traced model (seed API of ``open_xai.detector``).
+
+    Args:
+        graph: an fx graph owned by a GraphModule, e.g. ``symbolic_trace(m).graph``
+            or the graph of :func:`captum_graph.tracing.trace`.
+
+    Examples::
+
+        >>> arch = ModelArchitecture.from_model(torchvision.models.resnet18())
+        >>> arch.get_node("layer1.0.add")
+        NodeInfo(opcode='call_function', name='add', target='operator.add')
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        if graph.owning_module is None:
+            raise ValueError("the graph must belong to a GraphModule (fx.GraphModule(root, graph))")
+        self.graph = graph
+        self.root: fx.GraphModule = graph.owning_module
+        self._infos: Dict[fx.Node, NodeInfo] = {}
+
+    @classmethod
+    def from_model(cls, model: nn.Module, example_inputs: Optional[Sequence[torch.Tensor]] = None, **trace_kwargs: Any) -> "ModelArchitecture":
+        """Trace ``model`` (see :func:`captum_graph.tracing.trace`) and wrap its graph.
+
+        ``example_inputs``, if given, are used to record every node's output
+        shape; otherwise shapes are inferred on demand from a default input.
+        """
+        architecture = cls(trace(model, **trace_kwargs).graph)
+        if example_inputs is not None:
+            architecture.propagate_shapes(example_inputs)
+        return architecture
+
+    # -- nodes ------------------------------------------------------------
+    def list_nodes(self) -> List[NodeInfo]:
+        """All nodes in execution order."""
+        return [self._info(node) for node in self.graph.nodes]
+
+    def get_node(self, name: str) -> NodeInfo:
+        """The node with fx name ``name`` (``'add_7'``) or qualified name (``'layer4.1.add'``).
+
+        Raises:
+            KeyError: no such node; the message suggests close names.
+        """
+        node = self._lookup().get(name)
+        if node is None:
+            candidates = difflib.get_close_matches(name, list(self._lookup()), n=5)
+            hint = f" Did you mean: {', '.join(repr(c) for c in candidates)}?" if candidates else ""
+            raise KeyError(f"no node named {name!r} in {type(self.root).__name__}.{hint} See list_nodes() for all names.")
+        return self._info(node)
+
+    def find_node(
+        self,
+        filter_func: Callable[[NodeInfo], bool],
+        base_node: Optional[NodeInfo] = None,
+        all: bool = False,  # noqa: A002 - the seed API's name
+    ) -> Union[Optional[NodeInfo], List[NodeInfo]]:
+        """The first node (or ``all`` nodes) for which ``filter_func`` is true.
+
+        With ``base_node``, only nodes downstream of it (reachable through its
+        users, itself excluded) are searched, in execution order.
+        """
+        nodes = self.list_nodes() if base_node is None else self._downstream(base_node)
+        matches = (info for info in nodes if filter_func(info))
+        return list(matches) if all else next(matches, None)
+
+    # -- Grad-CAM -----------------------------------------------------------
+    def find_cam_target_module(self) -> Optional[Tuple[str, nn.Module]]:
+        """The module whose output Grad-CAM should explain, or ``None``.
+
+        The choice is the last feature map with spatial extent before global
+        pooling that every path from the input to the output passes through,
+        preferring the output of a module (see :meth:`find_cam_target_node`).
+        """
+        node = self.find_cam_target_node()
+        if node is None:
+            return None
+        return self._module_producing(node)
+
+    def find_cam_target_node(self) -> Optional[NodeInfo]:
+        """The node behind :meth:`find_cam_target_module` (may be functional)."""
+        self._ensure_shapes()
+        chain = [node for node in cut_nodes(self.graph) if _is_feature_map(node)]
+        while chain and _is_pooling(chain[-1]) and chain[-1].args and chain[-1].args[0] in chain:
+            chain.pop()  # adaptive pooling to a fixed grid is part of the head
+        for node in reversed(chain):
+            if self._module_producing(self._info(node)) is not None:
+                return self._info(node)
+        return self._info(chain[-1]) if chain else None
+
+    # -- shapes -------------------------------------------------------------
+    def propagate_shapes(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        """Record each node's output shape by running ``example_inputs`` once."""
+        from .shapes import propagate_shapes
+
+        propagate_shapes(self.root, example_inputs)
+
+    def _ensure_shapes(self) -> None:
+        if any("tensor_meta" in node.meta for node in self.graph.nodes):
+            return
+        from .shapes import default_example_inputs
+
+        example = default_example_inputs(self.root)
+        if example is not None:
+            self.propagate_shapes(example)
+
+    # -- helpers ------------------------------------------------------------
+    def _module_producing(self, info: NodeInfo) -> Optional[Tuple[str, nn.Module]]:
+        """The innermost non-root module whose output is exactly this node."""
+        if info.opcode == "call_module":
+            return info.owning_module
+        owner = info.owning_module
+        if owner is None:
+            return None
+        last = [n for n in self.graph.nodes if _owned_by(n, owner[0])]
+        return owner if last and last[-1] is info._node else None
+
+    def _lookup(self) -> Dict[str, fx.Node]:
+        table = {node.meta["qualname"]: node for node in self.graph.nodes if "qualname" in node.meta}
+        table.update({node.name: node for node in self.graph.nodes})
+        return table
+
+    def _info(self, node: fx.Node) -> NodeInfo:
+        info = self._infos.get(node)
+        if info is None:
+            info = NodeInfo(node.op, node.name, _target_name(node), node, self)
+            self._infos[node] = info
+        return info
+
+    def _neighbour(self, node: fx.Node) -> Optional[NodeInfo]:
+        return None if node.op == "root" else self._info(node)
+
+    def _wrap(self, value: Any) -> Any:
+        return fx.node.map_arg(value, self._info)
+
+    def _downstream(self, base: NodeInfo) -> List[NodeInfo]:
+        seen, frontier = set(), [base._node]
+        while frontier:
+            for user in frontier.pop().users:
+                if user not in seen:
+                    seen.add(user)
+                    frontier.append(user)
+        return [self._info(node) for node in self.graph.nodes if node in seen]
+
+
+def _owned_by(node: fx.Node, path: str) -> bool:
+    if node.op == "call_module":
+        return node.target == path or str(node.target).startswith(path + ".")
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(entry[0] == path for entry in stack.values())
+
+
+def cut_nodes(graph: fx.Graph) -> List[fx.Node]:
+    """Nodes that every path from the inputs to the output passes through.
+
+    Only nodes that depend on an input and feed the output count; constants
+    (parameters, class tokens) do not open other paths.
+    """
+    nodes = list(graph.nodes)
+    live = _forward_reachable(nodes) & _backward_reachable(nodes)
+    order = [node for node in nodes if node in live]
+    position = {node: i for i, node in enumerate(order)}
+    # furthest[i]: the furthest position reached by an edge leaving positions < i
+    furthest, reach = [], -1
+    for node in order:
+        furthest.append(reach)
+        for user in node.users:
+            if user in position:
+                reach = max(reach, position[user])
+    return [node for i, node in enumerate(order) if furthest[i] <= i and node.op not in ("placeholder", "output")]
+
+
+def _forward_reachable(nodes: List[fx.Node]) -> set:
+    reached = {node for node in nodes if node.op == "placeholder"}
+    for node in nodes:
+        if any(arg in reached for arg in node.all_input_nodes):
+            reached.add(node)
+    return reached
+
+
+def _backward_reachable(nodes: List[fx.Node]) -> set:
+    reached = {node for node in nodes if node.op == "output"}
+    for node in reversed(nodes):
+        if any(user in reached for user in node.users):
+            reached.add(node)
+    return reached
+
+
+def _is_feature_map(node: fx.Node) -> bool:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+
+
+_POOLING_FUNCTIONS = (torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d, torch.adaptive_avg_pool1d)
+
+
+def _is_pooling(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+    return node.op == "call_function" and node.target in _POOLING_FUNCTIONS

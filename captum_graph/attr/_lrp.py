@@ -1,0 +1,218 @@
+"""``LRP`` and ``LayerLRP``: Captum's classes, run on the rewritten graph."""
+import typing
+from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import _format_output, _format_tensor_into_tuples, _is_tuple, _run_forward
+from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import LayerLRP as _CaptumLayerLRP
+from captum.attr import LRP as _CaptumLRP
+from captum.attr._utils.lrp_rules import PropagationRule
+from torch import Tensor, nn
+
+from ..engine import LayerCapture, relevance_hooks
+from ..layers import LayerSpec, resolve_layer
+from ..prepare import PreparedModel, prepare
+from ..rules import Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems
+
+__all__ = ["LRP", "LayerLRP"]
+
+
+class _GraphLRPMixin:
+    """What LRP and LayerLRP share: rules, the prepared graph, one forward-backward."""
+
+    model: nn.Module
+
+    def _init_rules(self, rules: Optional[Mapping[RuleKey, PropagationRule]], preset: Union[str, Preset, None]) -> None:
+        self.rules = dict(rules or {})
+        self.preset = preset
+        assign_rules(self.prepared.graph_module, self.rules, self.preset)  # validates keys and preset early
+
+    @property
+    def prepared(self) -> PreparedModel:
+        """The rewritten graph of the model (cached; rebuilt when the model changes)."""
+        return prepare(self.model)
+
+    def rule_report(self) -> List[RuleAssignment]:
+        """Which rule each node gets and why; unsupported nodes have ``problem`` set."""
+        return assign_rules(self.prepared.graph_module, self.rules, self.preset)
+
+    def _assignments(self, verbose: bool) -> List[RuleAssignment]:
+        assignments = self.rule_report()
+        raise_for_problems(assignments)
+        if verbose:
+            for a in assignments:
+                print(f"Applied {a.rule_name} on {a.qualname} ({a.module_type or 'function'}, {a.source})")
+        return assignments
+
+    def _relevance_pass(
+        self,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        verbose: bool,
+        captures: Sequence[LayerCapture] = (),
+    ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """Run forward and backward once; return target outputs and normalised input relevance."""
+        gm = self.prepared.graph_module
+        assignments = self._assignments(verbose)
+        gradient_mask = apply_gradient_requirements(inputs)
+        try:
+            with relevance_hooks(gm, assignments, captures), torch.enable_grad():
+                outputs = _run_forward(gm, inputs, target, additional_forward_args)
+                grads = torch.autograd.grad(torch.unbind(outputs), inputs, allow_unused=True)
+        finally:
+            undo_gradient_requirements(inputs, gradient_mask)
+        grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+        return outputs.detach(), grads
+
+
+def _scaled(normalized: Tensor, output: Tensor) -> Tensor:
+    return normalized * output.reshape((-1,) + (1,) * (normalized.dim() - 1))
+
+
+class LRP(_GraphLRPMixin, _CaptumLRP):
+    r"""Captum's LRP on any model: functional operations get rules too.
+
+    Accepts every argument of :class:`captum.attr.LRP` with the same meaning and
+    return shapes. The model is traced with torch.fx and rewritten (additions,
+    concatenations, functional activations and poolings become modules; shared
+    and in-place modules are made safe) before relevance is propagated in one
+    forward and one backward pass. The model itself is never modified.
+
+    Args:
+        model: the model, as it is.
+        rules: optional overrides, keyed by qualified name (``"layer1"`` covers
+            everything inside ``layer1``) or by module type. A ``rule``
+            attribute set on a module of the model (Captum's way) is honoured.
+        preset: ``"epsilon"`` (default, Captum's rules), ``"epsilon-plus-flat"``
+            or ``"epsilon-gamma-box"``.
+
+    Examples::
+
+        >>> from captum_graph.attr import LRP
+        >>> lrp = LRP(torchvision.models.resnet18().eval())
+        >>> relevance = lrp.attribute(images, target=3)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
+        preset: Union[str, Preset, None] = None,
+    ) -> None:
+        _CaptumLRP.__init__(self, model)
+        self._init_rules(rules, preset)
+
+    @typing.overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        *,
+        return_convergence_delta: Literal[True],
+        verbose: bool = False,
+    ) -> Tuple[TensorOrTupleOfTensorsGeneric, Tensor]: ...
+
+    @typing.overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        return_convergence_delta: Literal[False] = False,
+        verbose: bool = False,
+    ) -> TensorOrTupleOfTensorsGeneric: ...
+
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        return_convergence_delta: bool = False,
+        verbose: bool = False,
+    ) -> Union[TensorOrTupleOfTensorsGeneric, Tuple[TensorOrTupleOfTensorsGeneric, Tensor]]:
+        """Relevance of each input feature; see :meth:`captum.attr.LRP.attribute`.
+
+        Unlike Captum's (whose docstring says otherwise but whose code scales),
+        relevance sums to the target output, as here too.
+        """
+        self.verbose = verbose
+        is_tuple = _is_tuple(inputs)
+        input_tuple = _format_tensor_into_tuples(inputs)
+        output, normalized = self._relevance_pass(input_tuple, target, additional_forward_args, verbose)
+        relevances = tuple(_scaled(r, output) for r in normalized)
+        formatted = _format_output(is_tuple, relevances)
+        if return_convergence_delta:
+            return formatted, self.compute_convergence_delta(relevances, output)
+        return formatted
+
+
+class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
+    r"""Captum's LayerLRP on any model; ``layer`` may also be a name.
+
+    ``layer`` is a module, a module's qualified name (``"layer4"``), a node's
+    qualified name (``"layer1.0.add"``: a functional addition) or fx name
+    (``"add_7"``), or a list of these. With ``attribute_to_layer_input=True``
+    the relevance of each input of the layer is returned separately, e.g. the
+    skip connection's and the residual branch's at an addition.
+
+    Args:
+        model: the model, as it is.
+        layer: see above.
+        device_ids: as in Captum (accepted for compatibility).
+        rules, preset: as in :class:`LRP`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Union[LayerSpec, List[LayerSpec]],
+        device_ids: Union[None, List[int]] = None,
+        rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
+        preset: Union[str, Preset, None] = None,
+    ) -> None:
+        _CaptumLayerLRP.__init__(self, model, layer, device_ids)
+        self._init_rules(rules, preset)
+        self._layer_nodes = [resolve_layer(model, self.prepared, spec) for spec in self._layer_list()]
+
+    def _layer_list(self) -> List[LayerSpec]:
+        return list(self.layer) if isinstance(self.layer, list) else [self.layer]
+
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        verbose: bool = False,
+    ):
+        """Relevance at the layer's output (or inputs); see :meth:`captum.attr.LayerLRP.attribute`."""
+        self.verbose = verbose
+        self.attribute_to_layer_input = attribute_to_layer_input
+        nodes = [resolve_layer(self.model, self.prepared, spec) for spec in self._layer_list()]
+        captures = [LayerCapture(str(node.target), attribute_to_layer_input) for node in nodes]
+        for node in nodes:
+            if node.op != "call_module":
+                raise ValueError(
+                    f"layer '{node.meta.get('qualname', node.name)}' is a {node.op} node; LayerLRP needs a "
+                    "module or a functional operation that captum_graph turns into a module"
+                )
+        input_tuple = _format_tensor_into_tuples(inputs)
+        output, _ = self._relevance_pass(input_tuple, target, additional_forward_args, verbose, captures)
+        relevances = [self._layer_relevance(capture, output) for capture in captures]
+        result = relevances if isinstance(self.layer, list) else relevances[0]
+        if not return_convergence_delta:
+            return result
+        if isinstance(self.layer, list):
+            return result, [self.compute_convergence_delta(r, output) for r in relevances]
+        return result, self.compute_convergence_delta(result, output)
+
+    def _layer_relevance(self, capture: LayerCapture, output: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
+        scaled = tuple(_scaled(capture.relevance[i], output) for i in sorted(capture.relevance))
+        if not scaled:
+            raise RuntimeError(f"no relevance reached layer '{capture.node_target}' for this target")
+        return scaled[0] if len(scaled) == 1 else scaled

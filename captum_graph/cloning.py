@@ -1,0 +1,44 @@
+"""Private copies of modules that share parameter storage with the user's model.
+
+Anything captum_graph does to a module (rules, hooks, ``inplace=False``, weight
+changes by a rule) happens on such a copy, so the user's model never changes.
+"""
+import copy
+from typing import Dict
+
+import torch
+from torch import nn
+
+__all__ = ["private_copy"]
+
+
+def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Module:
+    """A copy of ``module`` and its children that owns nothing of the original.
+
+    Parameters are new ``nn.Parameter`` objects viewing the same storage, so
+    in-place updates of the original (an optimiser step) are visible, while
+    rebinding a copy's ``weight.data`` leaves the original alone; they do not
+    require gradients (attribution needs gradients of activations only). Buffers are
+    shared tensors. Hooks are not copied. A child reached twice is copied once.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = copy.copy(module)
+    memo[id(module)] = clone
+    for key, value in module.__dict__.items():
+        if "hook" in key and isinstance(value, dict):
+            clone.__dict__[key] = type(value)()
+    clone._parameters = {name: _share(param) for name, param in module._parameters.items()}
+    clone._buffers = dict(module._buffers)
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    clone._modules = {name: None if child is None else private_copy(child, memo) for name, child in module._modules.items()}
+    return clone
+
+
+def _share(param: nn.Parameter) -> nn.Parameter:
+    if param is None:
+        return None
+    return nn.Parameter(param.detach(), requires_grad=False)
+
+

@@ -1,0 +1,109 @@
+"""Leaf modules that stand for functional operations in a rewritten graph.
+
+Each one computes exactly what the functional operation did, so the rewritten
+graph has the same outputs, and carries a known relevance rule (``rules.py``).
+"""
+from typing import Any, Callable, Union
+
+import torch
+from captum.attr._utils.custom_modules import Addition_Module
+from torch import Tensor, nn
+
+__all__ = [
+    "Addition",
+    "Subtraction",
+    "Scale",
+    "Concatenate",
+    "Stack",
+    "Function",
+    "Activation",
+    "LinearFunction",
+]
+
+
+class Addition(Addition_Module):
+    """``a + b (+ c ...)`` with optional ``alpha`` on the last term, as ``torch.add``.
+
+    Relevance is split in proportion to each term's contribution (epsilon rule).
+    """
+
+    def __init__(self, num_inputs: int = 2, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.num_inputs = num_inputs
+        self.alpha = alpha
+
+    def forward(self, *terms: Tensor) -> Tensor:  # type: ignore[override]
+        if self.alpha != 1:
+            terms = terms[:-1] + (terms[-1] * self.alpha,)
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
+
+    def extra_repr(self) -> str:
+        return f"num_inputs={self.num_inputs}" + (f", alpha={self.alpha}" if self.alpha != 1 else "")
+
+
+class Subtraction(nn.Module):
+    """``a - b``: relevance is split like an addition of ``a`` and ``-b`` (epsilon rule)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a - b
+
+
+class Scale(nn.Module):
+    """``x * c`` or ``x / c`` for a constant ``c``: relevance passes unchanged to ``x``."""
+
+    def __init__(self, divide: bool = False) -> None:
+        super().__init__()
+        self.divide = divide
+
+    def forward(self, x: Tensor, factor: Union[float, Tensor]) -> Tensor:
+        return x / factor if self.divide else x * factor
+
+    def extra_repr(self) -> str:
+        return "divide" if self.divide else "multiply"
+
+
+class Concatenate(nn.Module):
+    """``torch.cat(tensors, dim)``: relevance is moved back to each part."""
+
+    def __init__(self, dim: int = 0) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return torch.cat(tensors, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class Stack(Concatenate):
+    """``torch.stack(tensors, dim)``: relevance is moved back to each part."""
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return torch.stack(tensors, dim=self.dim)
+
+
+class Function(nn.Module):
+    """A call ``fn(*args, **kwargs)``; ``args`` are given at call time, ``kwargs`` fixed."""
+
+    def __init__(self, fn: Callable, **kwargs: Any) -> None:
+        super().__init__()
+        self.fn = fn
+        self.kwargs = kwargs
+
+    def forward(self, *args: Any) -> Tensor:
+        return self.fn(*args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+class Activation(Function):
+    """An elementwise activation (``F.relu``, ``F.gelu``, ...): relevance passes unchanged."""
+
+
+class LinearFunction(Function):
+    """A function linear in ``x`` (pooling, mean, ``F.linear``): epsilon rule."""

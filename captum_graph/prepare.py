@@ -1,0 +1,75 @@
+"""From the user's model to an LRP-ready GraphModule, cached per model."""
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch.fx as fx
+from torch import nn
+
+from .cloning import private_copy
+from .passes import functional_to_modules, remove_inplace, unshare_modules
+from .tracing import trace
+
+__all__ = ["PreparedModel", "prepare", "PASSES"]
+
+PASSES = (unshare_modules, remove_inplace, functional_to_modules)
+
+
+@dataclass
+class PreparedModel:
+    """The rewritten graph of a model and where its modules are called.
+
+    Attributes:
+        graph_module: the rewritten graph. Its modules are private copies that
+            share parameter storage with the user's model.
+        call_sites: for each user module (by ``id``), the graph nodes calling it.
+    """
+
+    graph_module: fx.GraphModule
+    call_sites: Dict[int, List[fx.Node]] = field(default_factory=dict)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, PreparedModel]]" = weakref.WeakKeyDictionary()
+
+
+def prepare(model: nn.Module) -> PreparedModel:
+    """Trace ``model`` and run every rewrite pass; cached until the model changes.
+
+    The cache is keyed by the model and checked against its module structure,
+    ``training`` flags and parameter storage, so replacing a submodule or a
+    parameter, or switching ``eval()``/``train()``, prepares again.
+    """
+    key = _fingerprint(model)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    prepared = _prepare(model)
+    _CACHE[model] = (key, prepared)
+    return prepared
+
+
+def _prepare(model: nn.Module) -> PreparedModel:
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    copy = private_copy(model)
+    gm = trace(copy)
+    for run_pass in PASSES:
+        run_pass(gm)
+    copies = {name: module for name, module in copy.named_modules(remove_duplicate=False)}
+    by_copy = {id(copies[name]): user_id for user_id, name in names.items() if name in copies}
+    call_sites: Dict[int, List[fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        if "replaced" in node.meta:
+            continue  # a module standing for a functional operation
+        original = node.meta.get("nn_module_stack", {})
+        path = list(original.values())[-1][0] if original else node.target
+        user_id = by_copy.get(id(copies.get(path)))
+        if user_id is not None:
+            call_sites.setdefault(user_id, []).append(node)
+    return PreparedModel(gm, call_sites)
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple(
+        (id(module), module.training, tuple((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None))
+        for module in model.modules()
+    )

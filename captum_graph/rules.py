@@ -1,0 +1,374 @@
+"""Which relevance rule every module of a rewritten graph gets.
+
+Rules are Captum ``PropagationRule`` objects. Besides Captum's Epsilon, Gamma,
+Alpha1_Beta0 and Identity rules this module adds the rules Captum lacks (Flat,
+ZPlus, ZBox) and two markers: :class:`PassThroughRule` (relevance passes
+unchanged, for elementwise activations) and :class:`MoveRule` (relevance is
+moved by the operation's own gradient, for concatenations and reshapes).
+"""
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.fx as fx
+from captum.attr._utils.custom_modules import Addition_Module
+from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, PropagationRule
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from . import modules as M
+from .errors import UnsupportedOperationError, describe_node
+from .passes import DATA_MOVEMENT_FUNCTIONS, DATA_MOVEMENT_METHODS, input_dependent_nodes
+
+__all__ = [
+    "PassThroughRule",
+    "MoveRule",
+    "FlatRule",
+    "ZPlusRule",
+    "ZBoxRule",
+    "register_rule",
+    "PRESETS",
+    "RuleAssignment",
+    "assign_rules",
+]
+
+RuleKey = Union[str, Type[nn.Module], Tuple[Type[nn.Module], ...]]
+
+
+class PassThroughRule(PropagationRule):
+    """Relevance passes unchanged from output to input (elementwise activations)."""
+
+    def _manipulate_weights(self, module, inputs, outputs) -> None:
+        pass
+
+
+class MoveRule(PropagationRule):
+    """Relevance is moved by the operation's gradient: nothing created or lost.
+
+    For concatenation, stacking, flattening, permutation and other data movement.
+    """
+
+    def _manipulate_weights(self, module, inputs, outputs) -> None:
+        pass
+
+
+class ExplicitRule(PropagationRule):
+    """A rule that computes input relevance from output relevance directly.
+
+    Subclasses implement :meth:`relevance`; ``epsilon`` stabilises denominators.
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.STABILITY_FACTOR = epsilon
+
+    def _manipulate_weights(self, module, inputs, outputs) -> None:
+        pass
+
+    def relevance(self, module: nn.Module, inputs: Tuple[Tensor, ...], relevance: Tensor) -> Tuple[Optional[Tensor], ...]:
+        raise NotImplementedError
+
+    def _ratio(self, relevance: Tensor, z: Tensor) -> Tensor:
+        return relevance / stabilize(z, self.STABILITY_FACTOR)
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """``z + epsilon * sign(z)``, with sign(0) taken as +1 (Captum's convention)."""
+    return z + torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)
+
+
+def _call_with(module: nn.Module, transform: Callable[[str, Tensor], Tensor], *args: Tensor) -> Tensor:
+    params = {name: transform(name, p) for name, p in module.named_parameters()}
+    return functional_call(module, params, args)
+
+
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+class ZPlusRule(ExplicitRule):
+    """z+ rule (Montavon et al. 2017, eq. 6): only positive contributions count.
+
+    ``R_i = sum_j (x_i^+ w_ij^+ + x_i^- w_ij^-) / z_j^+ R_j``, biases ignored.
+    """
+
+    def relevance(self, module, inputs, relevance):
+        x = inputs[0].detach()
+        pos, neg = x.clamp(min=0).requires_grad_(), x.clamp(max=0).requires_grad_()
+        with torch.enable_grad():
+            z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), pos) + _call_with(
+                module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(max=0), neg
+            )
+            g_pos, g_neg = torch.autograd.grad(z, (pos, neg), self._ratio(relevance, z))
+        return (pos * g_pos + neg * g_neg,)
+
+
+class FlatRule(ExplicitRule):
+    """Flat rule (Lapuschkin et al. 2019): relevance spread uniformly over each receptive field.
+
+    ``R_i = sum_j 1 / (sum_i' 1) R_j``: weights set to one, inputs to one, no bias.
+    """
+
+    def relevance(self, module, inputs, relevance):
+        ones = torch.ones_like(inputs[0]).requires_grad_()
+        with torch.enable_grad():
+            z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else torch.ones_like(p), ones)
+            (grad,) = torch.autograd.grad(z, ones, self._ratio(relevance, z))
+        return (grad,)
+
+
+class ZBoxRule(ExplicitRule):
+    """zB rule (Montavon et al. 2017, eq. 7) for inputs bounded by ``[low, high]``.
+
+    ``R_i = sum_j (x_i w_ij - l_i w_ij^+ - h_i w_ij^-) / z_j R_j``.
+    """
+
+    def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon)
+        self.low, self.high = low, high
+
+    def relevance(self, module, inputs, relevance):
+        x = inputs[0].detach().requires_grad_()
+        low = (torch.zeros_like(x) + self.low).requires_grad_()
+        high = (torch.zeros_like(x) + self.high).requires_grad_()
+        with torch.enable_grad():
+            z = (
+                module(x)
+                - _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), low)
+                - _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(max=0), high)
+            )
+            grads = torch.autograd.grad(z, (x, low, high), self._ratio(relevance, z))
+        return (x * grads[0] + low * grads[1] + high * grads[2],)
+
+
+# ---------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------
+def _torchvision_types(*names: str) -> Tuple[type, ...]:
+    import torchvision.ops.misc as misc
+    import torchvision.ops.stochastic_depth as sd
+
+    found = [getattr(misc, n, None) or getattr(sd, n, None) for n in names]
+    return tuple(t for t in found if t is not None)
+
+
+PASS_THROUGH_TYPES: Tuple[type, ...] = (
+    M.Activation, M.Scale, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid,
+    nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.Identity,
+) + _torchvision_types("StochasticDepth")
+MOVE_TYPES: Tuple[type, ...] = (
+    M.Concatenate, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
+    nn.PixelUnshuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+) + _torchvision_types("Permute")
+EPSILON_TYPES: Tuple[type, ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, Addition_Module, M.Subtraction, M.LinearFunction,
+)
+
+# reason: ordered (types, rule) pairs, first isinstance match wins; register_rule prepends.
+_DEFAULT_RULES: List[Tuple[Tuple[type, ...], Callable[[], PropagationRule]]] = [
+    (PASS_THROUGH_TYPES, PassThroughRule),
+    (MOVE_TYPES, MoveRule),
+    (EPSILON_TYPES, EpsilonRule),
+]
+
+
+def register_rule(module_types: Union[type, Tuple[type, ...]], rule: Union[PropagationRule, Callable[[], PropagationRule]]) -> None:
+    """Use ``rule`` for every module that is an instance of ``module_types``.
+
+    ``rule`` is a rule instance (copied for each call site) or a factory.
+    Registered rules take precedence over the built-in table.
+    """
+    types = module_types if isinstance(module_types, tuple) else (module_types,)
+    _DEFAULT_RULES.insert(0, (types, _factory(rule)))
+
+
+def _factory(rule: Union[PropagationRule, Callable[[], PropagationRule]]) -> Callable[[], PropagationRule]:
+    if isinstance(rule, PropagationRule):
+        return lambda: copy.deepcopy(rule)
+    return rule
+
+
+# ---------------------------------------------------------------------------
+# presets: (first layer rule, conv rule, linear rule)
+# ---------------------------------------------------------------------------
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A composite of rules: one for the first layer, one for convolutions, one for dense layers."""
+
+    name: str
+    first: Optional[Callable[[], PropagationRule]]
+    conv: Optional[Callable[[], PropagationRule]]
+    linear: Optional[Callable[[], PropagationRule]]
+
+
+PRESETS: Dict[str, Preset] = {
+    "epsilon": Preset("epsilon", None, None, None),
+    "epsilon-plus-flat": Preset("epsilon-plus-flat", FlatRule, ZPlusRule, lambda: EpsilonRule(1e-6)),
+    "epsilon-gamma-box": Preset(
+        "epsilon-gamma-box", lambda: ZBoxRule(-3.0, 3.0), lambda: GammaRule(0.25), lambda: EpsilonRule(1e-6)
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# assignment
+# ---------------------------------------------------------------------------
+@dataclass
+class RuleAssignment:
+    """The rule one call site gets, and why."""
+
+    node: str
+    qualname: str
+    module_type: str
+    rule: Optional[PropagationRule]
+    source: str
+    replaced: Optional[str] = None
+    problem: Optional[str] = None
+
+    @property
+    def rule_name(self) -> str:
+        if self.rule is None:
+            return "-"
+        name = type(self.rule).__name__
+        eps = getattr(self.rule, "STABILITY_FACTOR", None)
+        return f"{name}({eps:g})" if type(self.rule) is EpsilonRule or (isinstance(self.rule, EpsilonRule) and name == "EpsilonRule") else name
+
+
+def assign_rules(
+    gm: fx.GraphModule,
+    rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
+    preset: Union[str, Preset, None] = None,
+) -> List[RuleAssignment]:
+    """A rule for every relevance-carrying node of ``gm``, never raising.
+
+    Precedence: a ``rule`` attribute the user set on the module, then
+    ``rules`` keyed by qualified name (longest prefix wins), then ``rules``
+    keyed by module type, then the preset, then the registered and built-in
+    defaults. Nodes without a rule are reported with ``problem`` set.
+    """
+    by_name, by_type = _split_rule_keys(rules or {})
+    chosen_preset = _preset(preset)
+    first_layer = _first_layer(gm)
+    dependent = input_dependent_nodes(gm.graph)
+    assignments = []
+    for node in gm.graph.nodes:
+        if node not in dependent or node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            rule, source = _rule_for(node, module, by_name, by_type, chosen_preset, node is first_layer)
+            problem = None if rule is not None else _missing_rule_message(node, module)
+            assignments.append(_assignment(node, type(module).__qualname__, rule, source, problem))
+        elif _moves_data(node) or not _carries_tensor(node):
+            assignments.append(_assignment(node, "", MoveRule(), "data movement"))
+        else:
+            assignments.append(_assignment(node, "", None, "", _missing_rule_message(node, None)))
+    return assignments
+
+
+def raise_for_problems(assignments: Sequence[RuleAssignment]) -> None:
+    """Raise :class:`UnsupportedOperationError` for the first node without a rule."""
+    for assignment in assignments:
+        if assignment.problem:
+            raise UnsupportedOperationError(assignment.problem)
+
+
+def _assignment(node: fx.Node, module_type: str, rule, source: str, problem: Optional[str] = None) -> RuleAssignment:
+    return RuleAssignment(
+        node=node.meta.get("original_name", node.name),
+        qualname=node.meta.get("qualname", node.name),
+        module_type=module_type,
+        rule=rule,
+        source=source,
+        replaced=node.meta.get("replaced"),
+        problem=problem,
+    )
+
+
+def _split_rule_keys(rules: Mapping[RuleKey, PropagationRule]):
+    by_name, by_type = {}, []
+    for key, rule in rules.items():
+        if not isinstance(rule, PropagationRule):
+            raise TypeError(f"rules[{key!r}] must be a captum PropagationRule, got {type(rule).__name__}")
+        if isinstance(key, str):
+            by_name[key] = rule
+        elif isinstance(key, type) or (isinstance(key, tuple) and all(isinstance(k, type) for k in key)):
+            by_type.append((key, rule))
+        else:
+            raise TypeError(f"rules keys must be qualified names or module types, got {key!r}")
+    return by_name, by_type
+
+
+def _preset(preset: Union[str, Preset, None]) -> Optional[Preset]:
+    if preset is None or isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _rule_for(node, module, by_name, by_type, preset, is_first) -> Tuple[Optional[PropagationRule], str]:
+    own = module.__dict__.get("rule")
+    if isinstance(own, PropagationRule):
+        return copy.deepcopy(own), "module.rule"
+    qualname = node.meta.get("qualname", node.name)
+    named = [key for key in by_name if qualname == key or qualname.startswith(key + ".")]
+    if named:
+        return copy.deepcopy(by_name[max(named, key=len)]), f"rules[{max(named, key=len)!r}]"
+    for types, rule in by_type:
+        if isinstance(module, types):
+            return copy.deepcopy(rule), f"rules[{getattr(types, '__name__', types)}]"
+    if preset is not None:
+        factory = preset.first if is_first else preset.conv if isinstance(module, _CONVS) else preset.linear if isinstance(module, nn.Linear) else None
+        if factory is not None:
+            return factory(), f"preset {preset.name}"
+    for types, factory in _DEFAULT_RULES:
+        if isinstance(module, types):
+            return factory(), "default"
+    return None, ""
+
+
+def _first_layer(gm: fx.GraphModule) -> Optional[fx.Node]:
+    for node in gm.graph.find_nodes(op="call_module"):
+        if isinstance(gm.get_submodule(node.target), _CONVS + (nn.Linear,)):
+            return node
+    return None
+
+
+def _moves_data(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in DATA_MOVEMENT_FUNCTIONS
+    return node.op == "call_method" and node.target in DATA_MOVEMENT_METHODS
+
+
+def _carries_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return True  # unknown: assume it does
+    return isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata) and meta.dtype.is_floating_point
+
+
+def _missing_rule_message(node: fx.Node, module: Optional[nn.Module]) -> str:
+    what = f"module type {type(module).__qualname__}" if module is not None else "this operation"
+    return (
+        f"no LRP rule for {describe_node(node)}\n"
+        f"Register one for {what} with captum_graph.register_rule(...), pass rules={{...}} "
+        f"to LRP, or mark the module as a leaf with a rule (captum_graph.register_leaf_module)."
+    )
+
+
+def init_rule_state(rule: PropagationRule) -> None:
+    """Give a rule its own relevance dictionaries (Captum keeps them on the class)."""
+    rule.relevance_input = defaultdict(list)
+    rule.relevance_output = {}
