@@ -92,7 +92,7 @@ class NodeInfo:
         if not stack:
             return None
         path = list(stack.values())[-1][0]
-        return path, self._architecture.root.get_submodule(path)
+        return path, self._architecture.module_at(path)
 
     @property
     def shape(self) -> Optional[torch.Size]:
@@ -115,6 +115,8 @@ class ModelArchitecture:
     Args:
         graph: an fx graph owned by a GraphModule, e.g. ``symbolic_trace(m).graph``
             or the graph of :func:`captum_graph.tracing.trace`.
+        model: the traced model, if at hand: container modules (which a
+            GraphModule keeps only as empty shells) are then the model's own.
 
     Examples::
 
@@ -123,11 +125,12 @@ class ModelArchitecture:
         NodeInfo(opcode='call_function', name='add', target='operator.add')
     """
 
-    def __init__(self, graph: fx.Graph) -> None:
+    def __init__(self, graph: fx.Graph, model: Optional[nn.Module] = None) -> None:
         if graph.owning_module is None:
             raise ValueError("the graph must belong to a GraphModule (fx.GraphModule(root, graph))")
         self.graph = graph
         self.root: fx.GraphModule = graph.owning_module
+        self.model = model if model is not None else self.root
         self._infos: Dict[fx.Node, NodeInfo] = {}
 
     @classmethod
@@ -137,7 +140,7 @@ class ModelArchitecture:
         ``example_inputs``, if given, are used to record every node's output
         shape; otherwise shapes are inferred on demand from a default input.
         """
-        architecture = cls(trace(model, **trace_kwargs).graph)
+        architecture = cls(trace(model, **trace_kwargs).graph, model)
         if example_inputs is not None:
             architecture.propagate_shapes(example_inputs)
         return architecture
@@ -216,13 +219,22 @@ class ModelArchitecture:
             self.propagate_shapes(example)
 
     # -- helpers ------------------------------------------------------------
+    def module_at(self, path: str) -> nn.Module:
+        """The module at qualified ``path``: the model's own, else the graph's."""
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return self.root.get_submodule(path)
+
     def _module_producing(self, info: NodeInfo) -> Optional[Tuple[str, nn.Module]]:
-        """The innermost non-root module whose output is exactly this node."""
-        if info.opcode == "call_module":
+        """The innermost non-root module of the model whose output is exactly this node."""
+        if info.opcode == "call_module" and "replaced" not in info.meta:
             return info.owning_module
-        owner = info.owning_module
-        if owner is None:
+        stack = info.meta.get("nn_module_stack")
+        if not stack:
             return None
+        path = list(stack.values())[-1][0]
+        owner = path, self.module_at(path)
         last = [n for n in self.graph.nodes if _owned_by(n, owner[0])]
         return owner if last and last[-1] is info._node else None
 

@@ -18,6 +18,7 @@ __all__ = [
     "Function",
     "Activation",
     "LinearFunction",
+    "Tap",
 ]
 
 
@@ -107,3 +108,10 @@ class Activation(Function):
 
 class LinearFunction(Function):
     """A function linear in ``x`` (pooling, mean, ``F.linear``): epsilon rule."""
+
+
+class Tap(nn.Module):
+    """Identity placed after a graph node so layer methods can hook its output."""
+
+    def forward(self, x: Any) -> Any:
+        return x

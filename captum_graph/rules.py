@@ -160,7 +160,7 @@ PASS_THROUGH_TYPES: Tuple[type, ...] = (
     nn.Identity,
 ) + _torchvision_types("StochasticDepth")
 MOVE_TYPES: Tuple[type, ...] = (
-    M.Concatenate, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
+    M.Concatenate, M.Tap, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
     nn.PixelUnshuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
 ) + _torchvision_types("Permute")
 EPSILON_TYPES: Tuple[type, ...] = (

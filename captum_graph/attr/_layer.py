@@ -1,0 +1,123 @@
+"""Captum's layer methods with layers given by name, by graph node, or chosen automatically."""
+from typing import Any, Optional, Tuple
+
+import torch.fx as fx
+from captum.attr import GuidedGradCam as _GuidedGradCam
+from captum.attr import LayerActivation as _LayerActivation
+from captum.attr import LayerConductance as _LayerConductance
+from captum.attr import LayerDeepLift as _LayerDeepLift
+from captum.attr import LayerGradCam as _LayerGradCam
+from captum.attr import LayerGradientXActivation as _LayerGradientXActivation
+from captum.attr import LayerIntegratedGradients as _LayerIntegratedGradients
+from torch import nn
+
+from ..architecture import ModelArchitecture
+from ..errors import LayerResolutionError
+from ..layers import LayerSpec, resolve_layer
+from ..modules import Tap
+from ..prepare import prepare
+
+__all__ = [
+    "LayerGradCam",
+    "LayerActivation",
+    "LayerGradientXActivation",
+    "LayerIntegratedGradients",
+    "LayerConductance",
+    "LayerDeepLift",
+    "GuidedGradCam",
+    "tapped_graph",
+]
+
+_TAP = "captum_graph_tap"
+
+
+def tapped_graph(model: nn.Module, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap, fx.Node]:
+    """A copy of the model's rewritten graph with an identity :class:`Tap` after ``layer``.
+
+    ``layer=None`` picks the Grad-CAM layer (see
+    :meth:`ModelArchitecture.find_cam_target_node`). The copy shares the
+    rewritten graph's private modules; the user's model is not involved.
+    """
+    prepared = prepare(model)
+    source = prepared.graph_module
+    node = _auto_layer(source) if layer is None else resolve_layer(model, prepared, layer)
+    graph = fx.Graph()
+    copies = {}
+    output = graph.graph_copy(source.graph, copies)
+    graph.output(output)
+    tapped = copies[node]
+    with graph.inserting_after(tapped):
+        tap_node = graph.call_module(_TAP, (tapped,))
+    tapped.replace_all_uses_with(tap_node, delete_user_cb=lambda user: user is not tap_node)
+    tap = Tap()
+    owners = {n.target: _fetch(source, n.target) for n in graph.nodes if n.op in ("call_module", "get_attr") and n.target != _TAP}
+    gm = fx.GraphModule({**owners, _TAP: tap}, graph, type(model).__name__)
+    return gm, tap, node
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
+
+
+def _auto_layer(gm: fx.GraphModule) -> fx.Node:
+    architecture = ModelArchitecture(gm.graph)
+    found = architecture.find_cam_target_node()
+    if found is None:
+        raise LayerResolutionError(
+            f"found no feature map with spatial extent in {type(gm).__name__}; pass layer=... explicitly"
+        )
+    return found._node
+
+
+class _GraphLayerMixin:
+    """Resolves ``layer`` on the rewritten graph and hands Captum a tapped copy of it."""
+
+    def _resolve(self, model: nn.Module, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap]:
+        gm, tap, node = tapped_graph(model, layer)
+        self.model_to_explain = model
+        self.layer_name: str = node.meta.get("qualname", node.name)
+        return gm, tap
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model_to_explain).__name__}, layer='{self.layer_name}')"
+
+
+def _graph_layer_class(captum_class: type, doc: str) -> type:
+    def __init__(self, model: nn.Module, layer: Optional[LayerSpec] = None, *args: Any, **kwargs: Any) -> None:
+        gm, tap = self._resolve(model, layer)
+        captum_class.__init__(self, gm, tap, *args, **kwargs)
+
+    return type(
+        captum_class.__name__,
+        (_GraphLayerMixin, captum_class),
+        {"__init__": __init__, "__doc__": doc, "__module__": __name__},
+    )
+
+
+_DOC = """Captum's ``{name}`` on the model's rewritten graph.
+
+Same arguments and return shapes as :class:`captum.attr.{name}`. ``layer``
+may be a module, a module's qualified name (``"layer4"``), or a graph node's
+qualified or fx name (``"layer4.1.add"``, ``"add_7"``), so functional
+operations can be targets.{extra} The chosen node is in ``layer_name``.
+"""
+
+LayerGradCam = _graph_layer_class(
+    _LayerGradCam,
+    _DOC.format(
+        name="LayerGradCam",
+        extra=" With ``layer`` omitted the graph picks the last feature map with spatial "
+        "extent, before global pooling, that every path to the output passes through.",
+    ),
+)
+LayerActivation = _graph_layer_class(_LayerActivation, _DOC.format(name="LayerActivation", extra=""))
+LayerGradientXActivation = _graph_layer_class(
+    _LayerGradientXActivation, _DOC.format(name="LayerGradientXActivation", extra="")
+)
+LayerIntegratedGradients = _graph_layer_class(
+    _LayerIntegratedGradients, _DOC.format(name="LayerIntegratedGradients", extra="")
+)
+LayerConductance = _graph_layer_class(_LayerConductance, _DOC.format(name="LayerConductance", extra=""))
+LayerDeepLift = _graph_layer_class(_LayerDeepLift, _DOC.format(name="LayerDeepLift", extra=""))
+GuidedGradCam = _graph_layer_class(_GuidedGradCam, _DOC.format(name="GuidedGradCam", extra=""))

@@ -1,0 +1,61 @@
+"""A non-raising report of what captum_graph does with a model."""
+from collections import Counter
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+from .architecture import ModelArchitecture
+from .errors import CaptumGraphError
+from .prepare import prepare
+from .rules import assign_rules
+
+__all__ = ["model_report", "format_report"]
+
+
+def model_report(model: nn.Module, preset: Optional[str] = None) -> Dict[str, Any]:
+    """Graph summary, rewritten operations, rule per node, Grad-CAM layer, problems.
+
+    Never raises for an unsupported operation: such nodes are listed under
+    ``"unsupported"`` with the reason and source line.
+    """
+    gm = prepare(model).graph_module
+    assignments = assign_rules(gm, preset=preset)
+    architecture = ModelArchitecture(gm.graph)
+    try:
+        cam = architecture.find_cam_target_node()
+    except CaptumGraphError:
+        cam = None
+    return {
+        "model": type(model).__name__,
+        "nodes": dict(Counter(node.op for node in gm.graph.nodes)),
+        "rewritten": [
+            {"node": a.qualname, "was": a.replaced, "module": a.module_type} for a in assignments if a.replaced
+        ],
+        "rules": [
+            {"node": a.qualname, "module": a.module_type or "function", "rule": a.rule_name, "source": a.source}
+            for a in assignments
+            if not a.problem
+        ],
+        "gradcam_layer": cam.qualname if cam is not None else None,
+        "unsupported": [{"node": a.qualname, "problem": a.problem} for a in assignments if a.problem],
+    }
+
+
+def format_report(report: Dict[str, Any], max_rules: Optional[int] = None) -> str:
+    """The report as aligned text for a terminal."""
+    lines: List[str] = [f"Model: {report['model']}"]
+    lines.append("Graph: " + ", ".join(f"{count} {op}" for op, count in report["nodes"].items()))
+    lines.append(f"\nFunctional operations rewritten into modules: {len(report['rewritten'])}")
+    lines += [f"  {r['node']:<40} {r['was']:<32} -> {r['module']}" for r in report["rewritten"]]
+    rules = report["rules"] if max_rules is None else report["rules"][:max_rules]
+    lines.append(f"\nLRP rule per node ({len(report['rules'])} nodes):")
+    lines += [f"  {r['node']:<40} {r['module']:<24} {r['rule']:<22} {r['source']}" for r in rules]
+    if max_rules is not None and len(report["rules"]) > max_rules:
+        lines.append(f"  ... {len(report['rules']) - max_rules} more (use --all)")
+    lines.append(f"\nAutomatic Grad-CAM layer: {report['gradcam_layer']}")
+    if report["unsupported"]:
+        lines.append(f"\nUnsupported operations: {len(report['unsupported'])}")
+        lines += ["  " + r["problem"].replace("\n", "\n  ") for r in report["unsupported"]]
+    else:
+        lines.append("Unsupported operations: none")
+    return "\n".join(lines)
