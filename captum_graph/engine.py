@@ -17,6 +17,8 @@ from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationR
 from torch import Tensor, nn
 
 from .cloning import private_copy
+from .linearized import linearized_forward
+from .modules import Function
 from .rules import ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
 
 __all__ = ["relevance_hooks", "LayerCapture"]
@@ -132,6 +134,8 @@ def _epsilon_hooks(rule: PropagationRule):
         )
 
     def post(module, args, output):
+        if isinstance(output, tuple):  # e.g. attention's (output, weights)
+            return (post(module, args, output[0]),) + output[1:]
         return _DivideByOutput.apply(output, epsilon) if output.requires_grad else output
 
     return pre, post
@@ -211,6 +215,8 @@ def _capture_hooks(capture: LayerCapture):
         )
 
     def post(module, args, output):
+        if isinstance(output, tuple):
+            return (post(module, args, output[0]),) + output[1:]
         if capture.at_input or not output.requires_grad:
             return output
         return _Capture.apply(output, capture.store(0))
@@ -226,19 +232,46 @@ def relevance_hooks(
     handles = []
     by_qualname = {a.qualname: a for a in assignments}
     targets = {str(n.target): n for n in gm.graph.find_nodes(op="call_module")}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(_remove, handles)
         for target, node in targets.items():
             assignment = by_qualname.get(node.meta.get("qualname", node.name))
             module = gm.get_submodule(target)
             if assignment is not None and assignment.rule is not None:
                 handles += _register(module, *_hooks_for(assignment.rule))
+                if _is_plain_epsilon(assignment.rule):
+                    stack.enter_context(_linearized(module))
             for capture in captures:
                 if capture.node_target == target:
                     handles += _register(module, *_capture_hooks(capture), outer=True)
         yield
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _linearized(module: nn.Module) -> Iterator[None]:
+    """Swap in the module's linearised forward (see ``linearized.py``) while LRP runs."""
+    forward = linearized_forward(module)
+    if forward is None:
+        yield
+        return
+    attribute = "fn" if isinstance(module, Function) else "forward"
+    original = module.__dict__.get(attribute, _MISSING)
+    setattr(module, attribute, forward)
+    try:
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
+        if original is _MISSING:
+            delattr(module, attribute)
+        else:
+            setattr(module, attribute, original)
+
+
+_MISSING = object()
 
 
 def _register(module: nn.Module, pre, post, outer: bool = False) -> list:

@@ -19,6 +19,8 @@ __all__ = [
     "Activation",
     "LinearFunction",
     "Tap",
+    "Gate",
+    "Product",
 ]
 
 
@@ -88,15 +90,15 @@ class Stack(Concatenate):
 
 
 class Function(nn.Module):
-    """A call ``fn(*args, **kwargs)``; ``args`` are given at call time, ``kwargs`` fixed."""
+    """A call ``fn(*args, **kwargs)``: constant keyword arguments are fixed, the rest given per call."""
 
     def __init__(self, fn: Callable, **kwargs: Any) -> None:
         super().__init__()
         self.fn = fn
         self.kwargs = kwargs
 
-    def forward(self, *args: Any) -> Tensor:
-        return self.fn(*args, **self.kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.fn(*args, **self.kwargs, **kwargs)
 
     def extra_repr(self) -> str:
         return getattr(self.fn, "__name__", repr(self.fn))
@@ -115,3 +117,24 @@ class Tap(nn.Module):
 
     def forward(self, x: Any) -> Any:
         return x
+
+
+class Gate(nn.Module):
+    """``signal * gate`` where ``gate`` is a sigmoid-like gate: the gate is a constant.
+
+    All relevance goes to the signal (squeeze-excitation, gated units).
+    """
+
+    def forward(self, signal: Tensor, gate: Tensor) -> Tensor:
+        return signal * gate
+
+
+class Product(nn.Module):
+    """``a * b`` of two input-dependent tensors with no known role.
+
+    Relevance is split in half between the factors (AttnLRP's uniform rule,
+    Achtibat et al. 2024, Prop. 3.3); the report warns about it.
+    """
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a * b

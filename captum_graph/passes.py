@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import stochastic_depth
 
 from . import modules as M
 from .cloning import private_copy
@@ -36,12 +37,28 @@ def _finish(gm: fx.GraphModule, changed: bool) -> bool:
 
 
 def input_dependent_nodes(graph: fx.Graph) -> Set[fx.Node]:
-    """Nodes whose value depends on a graph input (they carry relevance)."""
+    """Nodes whose value depends on a graph input (they carry relevance).
+
+    Shapes, sizes and dtypes of tensors (``x.shape``, ``x.size(1)``) and what
+    is computed from them alone carry no relevance and are left out.
+    """
     reached: Set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" or any(arg in reached for arg in node.all_input_nodes):
+        if node.op == "placeholder" or (
+            not _reads_metadata(node) and any(arg in reached for arg in node.all_input_nodes)
+        ):
             reached.add(node)
     return reached
+
+
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "get_device", "is_contiguous", "nelement"}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+    return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
 # ---------------------------------------------------------------------------
@@ -173,14 +190,14 @@ ACTIVATIONS = _pattern(
     F.relu, torch.relu, "relu", F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
     F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.hardtanh, torch.tanh, "tanh", F.tanh,
     torch.sigmoid, "sigmoid", F.sigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout, "clamp", torch.clamp, "clip", torch.clip,
+    F.alpha_dropout, "clamp", torch.clamp, "clip", torch.clip, stochastic_depth,
 )
 LINEAR_FUNCTIONS = _pattern(
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.mean, "mean", torch.sum, "sum", F.linear, F.conv1d, F.conv2d, F.conv3d,
-    F.interpolate, F.batch_norm, torch.neg, "neg", operator.neg,
+    F.interpolate, F.batch_norm, torch.neg, "neg", operator.neg, F.layer_norm, F.group_norm,
 )
 
 DATA_MOVEMENT_FUNCTIONS = frozenset({
@@ -210,16 +227,16 @@ def functional_to_modules(gm: fx.GraphModule) -> bool:
     :class:`Stack`; functional activations -> :class:`Activation`; pooling,
     means, sums and other linear functions -> :class:`LinearFunction`. The new
     module is registered under the node's qualified name (``layer1.0.add``).
-    Products of two input-dependent tensors are left alone (gates and
-    attention are handled elsewhere). Idempotent: it matches functions only.
+    Products of two input-dependent tensors become :class:`Gate` when one
+    factor comes from a sigmoid-like function, else :class:`Product`.
+    Idempotent: it matches functions only.
     """
     dependent = input_dependent_nodes(gm.graph)
     changed = False
     for node in list(gm.graph.nodes):
         replacement = _module_for(node, dependent)
         if replacement is not None:
-            module, args = replacement
-            _replace_with_module(gm, node, module, args)
+            _replace_with_module(gm, node, *replacement)
             changed = True
     return _finish(gm, changed)
 
@@ -233,7 +250,7 @@ def _module_for(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Mod
     if key in SUBTRACTIONS and len(node.args) == 2 and not node.kwargs:
         return M.Subtraction(), node.args
     if key in PRODUCTS:
-        return _scaling(node, dependent, divide=False)
+        return _scaling(node, dependent, divide=False) or _product(node)
     if key in DIVISIONS:
         return _scaling(node, dependent, divide=True)
     if key in CONCATENATIONS:
@@ -264,6 +281,29 @@ def _scaling(node: fx.Node, dependent: Set[fx.Node], divide: bool) -> Optional[T
     return None
 
 
+_GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+
+
+def _is_gate(node: Any) -> bool:
+    """Whether ``node`` is the output of a sigmoid-like function (already a module)."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return False
+    module = node.graph.owning_module.get_submodule(node.target)
+    return isinstance(module, _GATE_MODULES) or getattr(module, "fn", None) in _GATE_FUNCTIONS + (torch.Tensor.sigmoid,)
+
+
+def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if _is_gate(b):
+        return M.Gate(), (a, b)
+    if _is_gate(a):
+        return M.Gate(), (b, a)
+    return M.Product(), (a, b)
+
+
 def _concatenation(node: fx.Node, kind: type) -> Optional[Tuple[nn.Module, tuple]]:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -272,19 +312,19 @@ def _concatenation(node: fx.Node, kind: type) -> Optional[Tuple[nn.Module, tuple
     return kind(dim), tuple(tensors)
 
 
-def _function_module(kind: type, node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
-    if any(isinstance(value, fx.Node) for value in node.kwargs.values()):
-        return None
+def _function_module(kind: type, node: fx.Node) -> Optional[Tuple[nn.Module, tuple, dict]]:
     fn = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
-    return kind(fn, **node.kwargs), node.args
+    fixed = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+    passed = {k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}
+    return kind(fn, **fixed), node.args, passed
 
 
-def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: Iterable) -> None:
+def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: Iterable, kwargs: Optional[dict] = None) -> None:
     qualname = node.meta.get("qualname", node.name)
     path = _free_path(gm, qualname)
     gm.add_submodule(path, module)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(path, tuple(args))
+        new = gm.graph.call_module(path, tuple(args), kwargs or {})
     new.meta = dict(node.meta)
     new.meta["qualname"] = qualname
     new.meta["original_name"] = node.meta.get("original_name", node.name)

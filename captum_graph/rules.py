@@ -28,6 +28,7 @@ __all__ = [
     "FlatRule",
     "ZPlusRule",
     "ZBoxRule",
+    "UniformSplitRule",
     "register_rule",
     "PRESETS",
     "RuleAssignment",
@@ -142,6 +143,20 @@ class ZBoxRule(ExplicitRule):
         return (x * grads[0] + low * grads[1] + high * grads[2],)
 
 
+class UniformSplitRule(ExplicitRule):
+    """Relevance split equally between the factors of a product (AttnLRP, Achtibat et al. 2024).
+
+    For ``a * b`` with no known role of either factor: ``R_a = R_b = R / 2``,
+    summed over broadcast dimensions.
+    """
+
+    def relevance(self, module, inputs, relevance):
+        tensors = [x for x in inputs if isinstance(x, Tensor)]
+        return tuple(
+            (relevance / len(tensors)).sum_to_size(x.shape) if isinstance(x, Tensor) else None for x in inputs
+        )
+
+
 # ---------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------
@@ -154,7 +169,7 @@ def _torchvision_types(*names: str) -> Tuple[type, ...]:
 
 
 PASS_THROUGH_TYPES: Tuple[type, ...] = (
-    M.Activation, M.Scale, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
+    M.Activation, M.Scale, M.Gate, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
     nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid,
     nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.Identity,
@@ -170,6 +185,7 @@ EPSILON_TYPES: Tuple[type, ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Upsample, Addition_Module, M.Subtraction, M.LinearFunction,
+    nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention,
 )
 
 # reason: ordered (types, rule) pairs, first isinstance match wins; register_rule prepends.
@@ -177,6 +193,7 @@ _DEFAULT_RULES: List[Tuple[Tuple[type, ...], Callable[[], PropagationRule]]] = [
     (PASS_THROUGH_TYPES, PassThroughRule),
     (MOVE_TYPES, MoveRule),
     (EPSILON_TYPES, EpsilonRule),
+    ((M.Product,), UniformSplitRule),
 ]
 
 
