@@ -1,6 +1,7 @@
 """Graph-aware LRP and layer attribution for Captum."""
 from .architecture import ModelArchitecture, NodeInfo
 from .errors import CaptumGraphError, LayerResolutionError, TracingError, UnsupportedOperationError
+from .extract import ActivationExtractor
 from .prepare import prepare
 from .rules import register_rule
 from .tracing import register_leaf_function, register_leaf_module, trace
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ModelArchitecture",
     "NodeInfo",
+    "ActivationExtractor",
     "CaptumGraphError",
     "TracingError",
     "UnsupportedOperationError",

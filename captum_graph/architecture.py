@@ -178,6 +178,25 @@ class ModelArchitecture:
         matches = (info for info in nodes if filter_func(info))
         return list(matches) if all else next(matches, None)
 
+    def branches(self, node: Union[str, NodeInfo]) -> List[List[NodeInfo]]:
+        """For a merge (addition, concatenation), the nodes on each input branch.
+
+        A branch runs from just after the fork (the last node that all inputs
+        depend on) to the input of the merge; the skip connection of a
+        residual block is typically an empty branch or a lone downsample.
+        Returns one list per tensor input, in execution order.
+        """
+        info = self.get_node(node) if isinstance(node, str) else node
+        inputs = [arg for arg in info._node.all_input_nodes]
+        ancestry = [_ancestors(arg) | {arg} for arg in inputs]
+        common = set.intersection(*ancestry) if ancestry else set()
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        fork = max(common, key=order.__getitem__) if common else None
+        before_fork = (_ancestors(fork) | {fork}) if fork is not None else set()
+        return [
+            [self._info(n) for n in sorted(nodes - before_fork, key=order.__getitem__)] for nodes in ancestry
+        ]
+
     # -- Grad-CAM -----------------------------------------------------------
     def find_cam_target_module(self) -> Optional[Tuple[str, nn.Module]]:
         """The module whose output Grad-CAM should explain, or ``None``.
@@ -264,6 +283,16 @@ class ModelArchitecture:
                     seen.add(user)
                     frontier.append(user)
         return [self._info(node) for node in self.graph.nodes if node in seen]
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, frontier = set(), [node]
+    while frontier:
+        for arg in frontier.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                frontier.append(arg)
+    return seen
 
 
 def _owned_by(node: fx.Node, path: str) -> bool:
