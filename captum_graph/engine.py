@@ -146,12 +146,20 @@ def _pass_hooks():
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None or not first.requires_grad or not isinstance(output, Tensor):
             return output
+        if first.numel() != output.numel():
+            raise ValueError(
+                f"a pass-through rule (IdentityRule, PassThroughRule) needs an output as large as the "
+                f"input, but {type(module).__name__} maps {tuple(first.shape)} to {tuple(output.shape)}; "
+                "choose another rule for it"
+            )
         return _PassThrough.apply(first, output)
 
     return None, post
 
 
 def _explicit_hooks(rule: PropagationRule):
+    bare: Dict[int, nn.Module] = {}  # hook-free copy: calling the hooked module would recurse
+
     def post(module, args, output):
         indices = _tensors(args)
         if not indices or not isinstance(output, Tensor):
@@ -162,7 +170,9 @@ def _explicit_hooks(rule: PropagationRule):
             full = list(args)
             for i, value in zip(indices, saved):
                 full[i] = value
-            return _propagate(rule, module, tuple(full), indices, relevance)
+            if id(module) not in bare:
+                bare[id(module)] = private_copy(module)
+            return _propagate(rule, bare[id(module)], tuple(full), indices, relevance)
 
         return _RuleFunction.apply(propagate, output, *inputs)
 
@@ -176,10 +186,8 @@ def _propagate(rule: PropagationRule, module: nn.Module, args: tuple, indices: L
         result = rule.relevance(module, tensor_args, relevance)
         return [result[i] if i < len(result) else None for i in indices]
     # A Captum rule: replay its weight change on a throwaway copy and its hooks.
-    target = module
-    if type(rule)._manipulate_weights is not EpsilonRule._manipulate_weights:
-        target = private_copy(module)
-        rule._manipulate_weights(target, args, None)
+    target = private_copy(module)
+    rule._manipulate_weights(target, args, None)
     detached = [a.detach().requires_grad_() if i in indices else a for i, a in enumerate(args)]
     inputs = [detached[i] for i in indices]
     init_rule_state(rule)
