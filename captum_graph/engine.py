@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .cloning import private_copy
 from .linearized import linearized_forward
 from .modules import Function
-from .rules import ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
+from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
 
 __all__ = ["relevance_hooks", "LayerCapture"]
 
@@ -201,9 +201,18 @@ def _propagate(rule: PropagationRule, module: nn.Module, args: tuple, indices: L
     ]
 
 
+def _constant_hooks():
+    def post(module, args, output):
+        return output.detach()
+
+    return None, post
+
+
 def _hooks_for(rule: PropagationRule):
     if isinstance(rule, MoveRule):
         return None, None
+    if isinstance(rule, ConstantRule):
+        return _constant_hooks()
     if isinstance(rule, (PassThroughRule, IdentityRule)):
         return _pass_hooks()
     if _is_plain_epsilon(rule):

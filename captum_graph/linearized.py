@@ -12,9 +12,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.overrides import TorchFunctionMode
+from torchvision.models.swin_transformer import shifted_window_attention
+
 from . import modules as M
 
-__all__ = ["linearized_forward", "layer_norm", "group_norm"]
+__all__ = ["linearized_forward", "layer_norm", "group_norm", "ConstantSoftmax"]
+
+_SOFTMAXES = (F.softmax, torch.softmax, Tensor.softmax)
+
+
+class ConstantSoftmax(TorchFunctionMode):
+    """Within this mode every softmax result is detached: attention probabilities are constants.
+
+    This linearises attention written as opaque functions (torchvision's
+    ``shifted_window_attention``) without re-implementing them.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        return result.detach() if func in _SOFTMAXES else result
+
+
+def _with_constant_softmax(function: Callable) -> Callable:
+    def linearized(*args, **kwargs):
+        with ConstantSoftmax():
+            return function(*args, **kwargs)
+
+    return linearized
 
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -82,7 +107,11 @@ _MODULE_FORWARDS = {
     nn.GroupNorm: _group_norm_module,
     nn.MultiheadAttention: _multihead_attention,
 }
-_FUNCTIONS = {F.layer_norm: layer_norm, F.group_norm: group_norm}
+_FUNCTIONS = {
+    F.layer_norm: layer_norm,
+    F.group_norm: group_norm,
+    shifted_window_attention: _with_constant_softmax(shifted_window_attention),
+}
 
 
 def linearized_forward(module: nn.Module) -> Optional[Callable]:

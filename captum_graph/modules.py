@@ -21,6 +21,9 @@ __all__ = [
     "Tap",
     "Gate",
     "Product",
+    "Softmax",
+    "AttentionMatmul",
+    "Matmul",
 ]
 
 
@@ -138,3 +141,22 @@ class Product(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return a * b
+
+
+class Softmax(Function):
+    """A softmax: under LRP its output (attention probabilities) is a constant."""
+
+
+class AttentionMatmul(Function):
+    """A product (``matmul``, ``einsum``) of attention probabilities and values.
+
+    The probabilities are constants (CP-LRP): relevance flows to the values
+    only, by the epsilon rule.
+    """
+
+
+class Matmul(Function):
+    """A product (``matmul``, ``einsum``) of two input-dependent tensors with no known role.
+
+    Relevance is split in half between them (AttnLRP's uniform rule).
+    """

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.swin_transformer import _patch_merging_pad, shifted_window_attention
 from torchvision.ops import stochastic_depth
 
 from . import modules as M
@@ -183,6 +184,8 @@ ADDITIONS = _pattern(operator.add, torch.add, "add")
 SUBTRACTIONS = _pattern(operator.sub, torch.sub, torch.subtract, "sub")
 PRODUCTS = _pattern(operator.mul, torch.mul, torch.multiply, "mul")
 DIVISIONS = _pattern(operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
+SOFTMAXES = _pattern(F.softmax, torch.softmax, "softmax")
+MATMULS = _pattern(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", torch.einsum)
 CONCATENATIONS = _pattern(torch.cat, torch.concat, torch.concatenate)
 STACKS = _pattern(torch.stack)
 
@@ -198,6 +201,7 @@ LINEAR_FUNCTIONS = _pattern(
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     torch.mean, "mean", torch.sum, "sum", F.linear, F.conv1d, F.conv2d, F.conv3d,
     F.interpolate, F.batch_norm, torch.neg, "neg", operator.neg, F.layer_norm, F.group_norm,
+    shifted_window_attention,
 )
 
 DATA_MOVEMENT_FUNCTIONS = frozenset({
@@ -206,6 +210,7 @@ DATA_MOVEMENT_FUNCTIONS = frozenset({
     torch.roll, torch.flip, torch.narrow, torch.movedim, torch.moveaxis, F.pad, torch.t,
     torch.tensor_split, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
     torch.clone, F.channel_shuffle, torch.index_select,
+    _patch_merging_pad,  # torchvision swin: zero-pads H and W to even sizes
 })
 DATA_MOVEMENT_METHODS = frozenset({
     "view", "view_as", "reshape", "reshape_as", "flatten", "permute", "transpose", "swapaxes",
@@ -253,6 +258,10 @@ def _module_for(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Mod
         return _scaling(node, dependent, divide=False) or _product(node)
     if key in DIVISIONS:
         return _scaling(node, dependent, divide=True)
+    if key in SOFTMAXES:
+        return _function_module(M.Softmax, node)
+    if key in MATMULS:
+        return _matmul(node, dependent)
     if key in CONCATENATIONS:
         return _concatenation(node, M.Concatenate)
     if key in STACKS:
@@ -302,6 +311,29 @@ def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
     if _is_gate(a):
         return M.Gate(), (b, a)
     return M.Product(), (a, b)
+
+
+def _matmul(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    signals = [a for a in operands if a in dependent]
+    if len(signals) < 2:
+        return _function_module(M.LinearFunction, node)
+    kind = M.AttentionMatmul if any(_comes_from_softmax(a) for a in signals) else M.Matmul
+    return _function_module(kind, node)
+
+
+def _comes_from_softmax(node: fx.Node) -> bool:
+    """Whether ``node`` is a softmax's output, possibly reshaped or dropped out."""
+    while True:
+        if node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), (M.Softmax, nn.Softmax)):
+            return True
+        movable = node.op == "call_method" and node.target in DATA_MOVEMENT_METHODS or (
+            node.op == "call_function" and node.target in DATA_MOVEMENT_FUNCTIONS
+        )
+        dropout = node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), (nn.Dropout, M.Activation))
+        if not (movable or dropout) or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
 
 
 def _concatenation(node: fx.Node, kind: type) -> Optional[Tuple[nn.Module, tuple]]:

@@ -29,6 +29,7 @@ __all__ = [
     "ZPlusRule",
     "ZBoxRule",
     "UniformSplitRule",
+    "ConstantRule",
     "register_rule",
     "PRESETS",
     "RuleAssignment",
@@ -49,6 +50,17 @@ class MoveRule(PropagationRule):
     """Relevance is moved by the operation's gradient: nothing created or lost.
 
     For concatenation, stacking, flattening, permutation and other data movement.
+    """
+
+    def _manipulate_weights(self, module, inputs, outputs) -> None:
+        pass
+
+
+class ConstantRule(PropagationRule):
+    """The module's output is a constant for relevance: nothing flows back through it.
+
+    For attention probabilities (CP-LRP, Ali et al. 2022): relevance reaches
+    the values through the product, and none the queries and keys.
     """
 
     def _manipulate_weights(self, module, inputs, outputs) -> None:
@@ -144,17 +156,21 @@ class ZBoxRule(ExplicitRule):
 
 
 class UniformSplitRule(ExplicitRule):
-    """Relevance split equally between the factors of a product (AttnLRP, Achtibat et al. 2024).
+    """Relevance split equally between the factors of a product (AttnLRP, Achtibat et al. 2024, eq. 11).
 
-    For ``a * b`` with no known role of either factor: ``R_a = R_b = R / 2``,
-    summed over broadcast dimensions.
+    For ``z = f(a, b)`` bilinear with no known role of either factor, each
+    factor gets the epsilon rule's share halved: ``R_a = a * df/da * R / (2 z)``;
+    for an elementwise product that is ``R_a = R_b = R / 2``.
     """
 
     def relevance(self, module, inputs, relevance):
-        tensors = [x for x in inputs if isinstance(x, Tensor)]
-        return tuple(
-            (relevance / len(tensors)).sum_to_size(x.shape) if isinstance(x, Tensor) else None for x in inputs
-        )
+        leaves = [x.detach().requires_grad_() if isinstance(x, Tensor) else x for x in inputs]
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        with torch.enable_grad():
+            z = module(*leaves)
+            grads = torch.autograd.grad(z, tensors, self._ratio(relevance, z) / len(tensors), allow_unused=True)
+        found = iter(x * g if g is not None else None for x, g in zip(tensors, grads))
+        return tuple(next(found) if isinstance(x, Tensor) else None for x in leaves)
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +201,7 @@ EPSILON_TYPES: Tuple[type, ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Upsample, Addition_Module, M.Subtraction, M.LinearFunction,
-    nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention,
+    nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, M.AttentionMatmul,
 )
 
 # reason: ordered (types, rule) pairs, first isinstance match wins; register_rule prepends.
@@ -193,7 +209,8 @@ _DEFAULT_RULES: List[Tuple[Tuple[type, ...], Callable[[], PropagationRule]]] = [
     (PASS_THROUGH_TYPES, PassThroughRule),
     (MOVE_TYPES, MoveRule),
     (EPSILON_TYPES, EpsilonRule),
-    ((M.Product,), UniformSplitRule),
+    ((M.Product, M.Matmul), UniformSplitRule),
+    ((M.Softmax, nn.Softmax), ConstantRule),
 ]
 
 
