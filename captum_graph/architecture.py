@@ -219,7 +219,40 @@ class ModelArchitecture:
         for node in reversed(chain):
             if self._module_producing(self._info(node)) is not None:
                 return self._info(node)
-        return self._info(chain[-1]) if chain else None
+        if chain:
+            return self._info(chain[-1])
+        return self._last_patch_token_node()
+
+    def token_grid_reference(self, node: Union[str, NodeInfo]) -> Optional[NodeInfo]:
+        """For a token node ``(N, T, C)``, the nearest upstream feature map whose grid the tokens form."""
+        info = self.get_node(node) if isinstance(node, str) else node
+        shape = info.shape
+        if shape is None or len(shape) != 3:
+            return None
+        upstream = _ancestors(info._node)
+        for candidate in reversed(list(self.graph.nodes)):
+            grid = getattr(candidate.meta.get("tensor_meta"), "shape", None)
+            if candidate in upstream and _is_feature_map(candidate) and 0 < grid[2] * grid[3] <= shape[1] and grid[1] == shape[2]:
+                return self._info(candidate)
+        return None
+
+    def _last_patch_token_node(self) -> Optional[NodeInfo]:
+        """The last token node ``(N, T, C)`` whose patch tokens (not only the first) reach the output.
+
+        Found by one forward and backward pass on the example input: in a ViT
+        only the class token reaches the head after the last attention, so the
+        answer is the last attention's input.
+        """
+        from .shapes import default_example_inputs, token_gradients
+
+        example = default_example_inputs(self.root)
+        if example is None:
+            return None
+        reaching = token_gradients(self.root, example)
+        for node in reversed(list(self.graph.nodes)):
+            if reaching.get(node) and self.token_grid_reference(self._info(node)) is not None:
+                return self._info(node)
+        return None
 
     # -- shapes -------------------------------------------------------------
     def propagate_shapes(self, example_inputs: Sequence[torch.Tensor]) -> None:

@@ -24,6 +24,8 @@ __all__ = [
     "Softmax",
     "AttentionMatmul",
     "Matmul",
+    "TokensToGrid",
+    "GridToTokens",
 ]
 
 
@@ -160,3 +162,25 @@ class Matmul(Function):
 
     Relevance is split in half between them (AttnLRP's uniform rule).
     """
+
+
+class TokensToGrid(nn.Module):
+    """Patch tokens ``(N, T, C)`` as a feature map ``(N, C, h, w)``.
+
+    ``h, w`` are read from ``reference``, a feature map of the same grid (the
+    patch embedding's output), at every call: never hard-coded. The first
+    ``T - h*w`` tokens (class and register tokens) are left out.
+    """
+
+    def forward(self, tokens: Tensor, reference: Tensor) -> Tensor:
+        h, w = reference.shape[-2:]
+        patches = tokens[:, tokens.shape[1] - h * w :, :]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+class GridToTokens(nn.Module):
+    """The inverse of :class:`TokensToGrid`: the grid back in place of the patch tokens."""
+
+    def forward(self, grid: Tensor, tokens: Tensor) -> Tensor:
+        extra = tokens.shape[1] - grid.shape[-2] * grid.shape[-1]
+        return torch.cat([tokens[:, :extra, :], grid.flatten(2).transpose(1, 2)], dim=1)

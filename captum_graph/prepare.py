@@ -23,10 +23,19 @@ class PreparedModel:
         graph_module: the rewritten graph. Its modules are private copies that
             share parameter storage with the user's model.
         call_sites: for each user module (by ``id``), the graph nodes calling it.
+        model_copy: the private copy of the model the graph was traced from,
+            with its container modules (the graph keeps only shells of them).
     """
 
     graph_module: fx.GraphModule
     call_sites: Dict[int, List[fx.Node]] = field(default_factory=dict)
+    model_copy: nn.Module = None
+
+    def architecture(self) -> "ModelArchitecture":
+        """A :class:`ModelArchitecture` view of the rewritten graph."""
+        from .architecture import ModelArchitecture
+
+        return ModelArchitecture(self.graph_module.graph, self.model_copy)
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, PreparedModel]]" = weakref.WeakKeyDictionary()
@@ -65,7 +74,7 @@ def _prepare(model: nn.Module) -> PreparedModel:
         user_id = by_copy.get(id(copies.get(path)))
         if user_id is not None:
             call_sites.setdefault(user_id, []).append(node)
-    return PreparedModel(gm, call_sites)
+    return PreparedModel(gm, call_sites, copy)
 
 
 def _fingerprint(model: nn.Module) -> tuple:

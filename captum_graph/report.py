@@ -4,7 +4,6 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from .architecture import ModelArchitecture
 from .errors import CaptumGraphError
 from .prepare import prepare
 from .rules import assign_rules
@@ -18,9 +17,10 @@ def model_report(model: nn.Module, preset: Optional[str] = None) -> Dict[str, An
     Never raises for an unsupported operation: such nodes are listed under
     ``"unsupported"`` with the reason and source line.
     """
-    gm = prepare(model).graph_module
+    prepared = prepare(model)
+    gm = prepared.graph_module
     assignments = assign_rules(gm, preset=preset)
-    architecture = ModelArchitecture(gm.graph)
+    architecture = prepared.architecture()
     try:
         cam = architecture.find_cam_target_node()
     except CaptumGraphError:

@@ -1,5 +1,5 @@
 """Output shapes of every node, recorded by running example inputs once."""
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -8,7 +8,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .cloning import private_copy
 
-__all__ = ["propagate_shapes", "default_example_inputs"]
+__all__ = ["propagate_shapes", "default_example_inputs", "token_gradients"]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -24,7 +24,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
 
 
 def default_example_inputs(gm: fx.GraphModule) -> Optional[Tuple[torch.Tensor]]:
-    """One image-sized input for the first convolution's channels, or ``None``.
+    """One random image-sized input for the first convolution's channels, or ``None``.
 
     Uses the model's ``image_size`` attribute if it has one (torchvision ViT),
     else 224x224.
@@ -33,5 +33,51 @@ def default_example_inputs(gm: fx.GraphModule) -> Optional[Tuple[torch.Tensor]]:
         if isinstance(module, nn.Conv2d):
             size = getattr(gm, "image_size", 224)
             parameter = module.weight
-            return (torch.zeros(1, module.in_channels, size, size, dtype=parameter.dtype, device=parameter.device),)
+            generator = torch.Generator().manual_seed(0)  # random, so gradients are not degenerate
+            example = torch.randn(1, module.in_channels, size, size, generator=generator, dtype=parameter.dtype)
+            return (example.to(parameter.device),)
     return None
+
+
+def token_gradients(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Dict[fx.Node, bool]:
+    """For each 3-D node ``(N, T, C)``: whether tokens after the first get gradient from the output.
+
+    Runs one forward and backward pass on a private copy in eval mode, whose
+    all-zero parameters (zero-initialised heads) are redrawn: which tokens
+    reach the output is a property of the structure, not of the weights.
+    """
+    shadow = fx.GraphModule(private_copy(gm).eval(), gm.graph)
+    gm.graph.owning_module = gm
+    _redraw_zero_parameters(shadow)
+    recorder = _TokenRecorder(shadow)
+    with torch.enable_grad():
+        inputs = [x.detach().clone().requires_grad_() for x in example_inputs]
+        output = recorder.run(*inputs)
+        outputs = [o for o in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(o, torch.Tensor)]
+        sum(o.sum() for o in outputs).backward()
+    return {
+        node: value.grad is not None and bool(value.grad[:, 1:].abs().sum() > 0)
+        for node, value in recorder.tokens.items()
+    }
+
+
+def _redraw_zero_parameters(module: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for owner in module.modules():
+        for name, parameter in owner._parameters.items():
+            if parameter is not None and parameter.is_floating_point() and not parameter.any():
+                fresh = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                owner._parameters[name] = nn.Parameter(fresh.to(parameter.device), requires_grad=False)
+
+
+class _TokenRecorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.tokens: Dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.requires_grad and value.is_floating_point():
+            value.retain_grad()
+            self.tokens[node] = value
+        return value

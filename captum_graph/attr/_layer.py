@@ -14,7 +14,7 @@ from torch import nn
 from ..architecture import ModelArchitecture
 from ..errors import LayerResolutionError
 from ..layers import LayerSpec, resolve_layer
-from ..modules import Tap
+from ..modules import GridToTokens, Tap, TokensToGrid
 from ..prepare import prepare
 
 __all__ = [
@@ -29,30 +29,49 @@ __all__ = [
 ]
 
 _TAP = "captum_graph_tap"
+_UNTAP = "captum_graph_untap"
 
 
 def tapped_graph(model: nn.Module, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap, fx.Node]:
     """A copy of the model's rewritten graph with an identity :class:`Tap` after ``layer``.
 
     ``layer=None`` picks the Grad-CAM layer (see
-    :meth:`ModelArchitecture.find_cam_target_node`). The copy shares the
+    :meth:`ModelArchitecture.find_cam_target_node`). For a token layer
+    ``(N, T, C)`` (ViT) the tap is a :class:`TokensToGrid`, so layer methods
+    see an ``(N, C, h, w)`` map without class tokens. The copy shares the
     rewritten graph's private modules; the user's model is not involved.
     """
     prepared = prepare(model)
     source = prepared.graph_module
-    node = _auto_layer(source) if layer is None else resolve_layer(model, prepared, layer)
+    architecture = prepared.architecture()
+    node = _auto_layer(architecture) if layer is None else resolve_layer(model, prepared, layer)
     graph = fx.Graph()
     copies = {}
     output = graph.graph_copy(source.graph, copies)
     graph.output(output)
     tapped = copies[node]
+    reference = _grid_reference(architecture, node)
     with graph.inserting_after(tapped):
-        tap_node = graph.call_module(_TAP, (tapped,))
-    tapped.replace_all_uses_with(tap_node, delete_user_cb=lambda user: user is not tap_node)
-    tap = Tap()
-    owners = {n.target: _fetch(source, n.target) for n in graph.nodes if n.op in ("call_module", "get_attr") and n.target != _TAP}
-    gm = fx.GraphModule({**owners, _TAP: tap}, graph, type(model).__name__)
+        if reference is None:
+            tap_node = graph.call_module(_TAP, (tapped,))
+            last = tap_node
+        else:  # tokens: the layer is their grid, put back in place for the rest of the model
+            tap_node = graph.call_module(_TAP, (tapped, copies[reference]))
+            with graph.inserting_after(tap_node):
+                last = graph.call_module(_UNTAP, (tap_node, tapped))
+    tapped.replace_all_uses_with(last, delete_user_cb=lambda user: user not in (tap_node, last))
+    tap = Tap() if reference is None else TokensToGrid()
+    extra = {} if reference is None else {_UNTAP: GridToTokens()}
+    owners = {n.target: _fetch(source, n.target) for n in graph.nodes if n.op in ("call_module", "get_attr") and n.target not in (_TAP, _UNTAP)}
+    gm = fx.GraphModule({**owners, _TAP: tap, **extra}, graph, type(model).__name__)
     return gm, tap, node
+
+
+def _grid_reference(architecture: ModelArchitecture, node: fx.Node) -> Optional[fx.Node]:
+    """For a token node, the feature map whose grid its tokens form; else ``None``."""
+    architecture._ensure_shapes()
+    found = architecture.token_grid_reference(architecture._info(node))
+    return None if found is None else found._node
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -60,12 +79,12 @@ def _fetch(root: nn.Module, target: str) -> Any:
     return getattr(root.get_submodule(owner) if owner else root, name)
 
 
-def _auto_layer(gm: fx.GraphModule) -> fx.Node:
-    architecture = ModelArchitecture(gm.graph)
+def _auto_layer(architecture: ModelArchitecture) -> fx.Node:
     found = architecture.find_cam_target_node()
     if found is None:
         raise LayerResolutionError(
-            f"found no feature map with spatial extent in {type(gm).__name__}; pass layer=... explicitly"
+            f"found no feature map with spatial extent in {type(architecture.model).__name__}; "
+            "pass layer=... explicitly"
         )
     return found._node
 
