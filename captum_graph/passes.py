@@ -18,6 +18,7 @@ from . import modules as M
 from .cloning import private_copy
 
 __all__ = [
+    "fold_batch_norms",
     "unshare_modules",
     "remove_inplace",
     "functional_to_modules",
@@ -101,6 +102,56 @@ def _path_exists(gm: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return hasattr(owner, name)
+
+
+# ---------------------------------------------------------------------------
+# fold_batch_norms
+# ---------------------------------------------------------------------------
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def fold_batch_norms(gm: fx.GraphModule) -> bool:
+    """Merge each eval-mode batch norm into the convolution or linear layer feeding it.
+
+    Matches a ``call_module`` batch norm whose input is a conv/linear call used
+    by nothing else, anywhere in the graph; the pair becomes one layer with
+    folded weights (a new private module; the user's parameters are read, never
+    written). Outputs are unchanged up to rounding. Idempotent.
+    """
+    changed = False
+    for norm_node in list(gm.graph.find_nodes(op="call_module")):
+        norm = gm.get_submodule(norm_node.target)
+        layer_node = norm_node.args[0] if norm_node.args else None
+        if not _can_fold(gm, norm, layer_node):
+            continue
+        gm.add_submodule(layer_node.target, _folded(gm.get_submodule(layer_node.target), norm))
+        norm_node.replace_all_uses_with(layer_node)
+        gm.graph.erase_node(norm_node)
+        changed = True
+    return _finish(gm, changed)
+
+
+def _can_fold(gm: fx.GraphModule, norm: nn.Module, layer_node: Any) -> bool:
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_var is None:
+        return False
+    if not isinstance(layer_node, fx.Node) or layer_node.op != "call_module" or len(layer_node.users) != 1:
+        return False
+    layer = gm.get_submodule(layer_node.target)
+    return isinstance(layer, _FOLDABLE) and (isinstance(layer, nn.Linear) or layer.out_channels == norm.num_features)
+
+
+def _folded(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    with torch.no_grad():
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale + (norm.bias if norm.bias is not None else 0)
+        weight = layer.weight * scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+        bias = shift if layer.bias is None else layer.bias * scale + shift
+    folded = private_copy(layer)
+    folded.weight = nn.Parameter(weight, requires_grad=False)
+    folded.bias = nn.Parameter(bias, requires_grad=False)
+    return folded
 
 
 # ---------------------------------------------------------------------------

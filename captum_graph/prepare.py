@@ -7,7 +7,7 @@ import torch.fx as fx
 from torch import nn
 
 from .cloning import private_copy
-from .passes import functional_to_modules, remove_inplace, unshare_modules
+from .passes import fold_batch_norms, functional_to_modules, remove_inplace, unshare_modules
 from .tracing import trace
 
 __all__ = ["PreparedModel", "prepare", "PASSES"]
@@ -38,30 +38,34 @@ class PreparedModel:
         return ModelArchitecture(self.graph_module.graph, self.model_copy)
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, PreparedModel]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[bool, Tuple[tuple, PreparedModel]]]" = weakref.WeakKeyDictionary()
 
 
-def prepare(model: nn.Module) -> PreparedModel:
+def prepare(model: nn.Module, fold_batch_norm: bool = False) -> PreparedModel:
     """Trace ``model`` and run every rewrite pass; cached until the model changes.
 
+    With ``fold_batch_norm``, eval-mode batch norms are also merged into the
+    convolution or linear layer before them (:func:`fold_batch_norms`).
+
     The cache is keyed by the model and checked against its module structure,
-    ``training`` flags and parameter storage, so replacing a submodule or a
-    parameter, or switching ``eval()``/``train()``, prepares again.
+    ``training`` flags and parameters (identity, storage and in-place version),
+    so replacing a submodule or a parameter, an optimiser step, or switching
+    ``eval()``/``train()`` prepares again.
     """
     key = _fingerprint(model)
-    cached = _CACHE.get(model)
+    cached = _CACHE.setdefault(model, {}).get(fold_batch_norm)
     if cached is not None and cached[0] == key:
         return cached[1]
-    prepared = _prepare(model)
-    _CACHE[model] = (key, prepared)
+    prepared = _prepare(model, fold_batch_norm)
+    _CACHE[model][fold_batch_norm] = (key, prepared)
     return prepared
 
 
-def _prepare(model: nn.Module) -> PreparedModel:
+def _prepare(model: nn.Module, fold_batch_norm: bool) -> PreparedModel:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     copy = private_copy(model)
     gm = trace(copy)
-    for run_pass in PASSES:
+    for run_pass in PASSES + ((fold_batch_norms,) if fold_batch_norm else ()):
         run_pass(gm)
     copies = {name: module for name, module in copy.named_modules(remove_duplicate=False)}
     by_copy = {id(copies[name]): user_id for user_id, name in names.items() if name in copies}
@@ -79,6 +83,11 @@ def _prepare(model: nn.Module) -> PreparedModel:
 
 def _fingerprint(model: nn.Module) -> tuple:
     return tuple(
-        (id(module), module.training, tuple((id(p), p.data_ptr()) for p in module._parameters.values() if p is not None))
+        (
+            id(module),
+            module.training,
+            tuple((id(p), p.data_ptr(), p._version) for p in module._parameters.values() if p is not None),
+            tuple((id(b), b._version) for b in module._buffers.values() if b is not None),
+        )
         for module in model.modules()
     )

@@ -24,15 +24,21 @@ class _GraphLRPMixin:
 
     model: nn.Module
 
-    def _init_rules(self, rules: Optional[Mapping[RuleKey, PropagationRule]], preset: Union[str, Preset, None]) -> None:
+    def _init_rules(
+        self,
+        rules: Optional[Mapping[RuleKey, PropagationRule]],
+        preset: Union[str, Preset, None],
+        fold_batch_norm: bool,
+    ) -> None:
         self.rules = dict(rules or {})
         self.preset = preset
+        self.fold_batch_norm = fold_batch_norm
         assign_rules(self.prepared.graph_module, self.rules, self.preset)  # validates keys and preset early
 
     @property
     def prepared(self) -> PreparedModel:
         """The rewritten graph of the model (cached; rebuilt when the model changes)."""
-        return prepare(self.model)
+        return prepare(self.model, self.fold_batch_norm)
 
     def rule_report(self) -> List[RuleAssignment]:
         """Which rule each node gets and why; unsupported nodes have ``problem`` set."""
@@ -88,6 +94,9 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
             attribute set on a module of the model (Captum's way) is honoured.
         preset: ``"epsilon"`` (default, Captum's rules), ``"epsilon-plus-flat"``
             or ``"epsilon-gamma-box"``.
+        fold_batch_norm: merge each eval-mode batch norm into the convolution
+            or linear layer feeding it before propagating (zennit's canonizer,
+            anywhere in the graph).
 
     Examples::
 
@@ -101,9 +110,10 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
         model: nn.Module,
         rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
         preset: Union[str, Preset, None] = None,
+        fold_batch_norm: bool = False,
     ) -> None:
         _CaptumLRP.__init__(self, model)
-        self._init_rules(rules, preset)
+        self._init_rules(rules, preset, fold_batch_norm)
 
     @typing.overload
     def attribute(
@@ -163,7 +173,7 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
         model: the model, as it is.
         layer: see above.
         device_ids: as in Captum (accepted for compatibility).
-        rules, preset: as in :class:`LRP`.
+        rules, preset, fold_batch_norm: as in :class:`LRP`.
     """
 
     def __init__(
@@ -173,9 +183,10 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
         device_ids: Union[None, List[int]] = None,
         rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
         preset: Union[str, Preset, None] = None,
+        fold_batch_norm: bool = False,
     ) -> None:
         _CaptumLayerLRP.__init__(self, model, layer, device_ids)
-        self._init_rules(rules, preset)
+        self._init_rules(rules, preset, fold_batch_norm)
         self._layer_nodes = [resolve_layer(model, self.prepared, spec) for spec in self._layer_list()]
 
     def _layer_list(self) -> List[LayerSpec]:
