@@ -204,14 +204,19 @@ class ModelArchitecture:
         The choice is the last feature map with spatial extent before global
         pooling that every path from the input to the output passes through,
         preferring the output of a module (see :meth:`find_cam_target_node`).
+        Token models (ViT) have none: ``None``, as in the seed API.
         """
-        node = self.find_cam_target_node()
+        node = self.find_cam_target_node(tokens=False)
         if node is None:
             return None
         return self._module_producing(node)
 
-    def find_cam_target_node(self) -> Optional[NodeInfo]:
-        """The node behind :meth:`find_cam_target_module` (may be functional)."""
+    def find_cam_target_node(self, tokens: bool = True) -> Optional[NodeInfo]:
+        """The node behind :meth:`find_cam_target_module` (may be functional).
+
+        With ``tokens`` and no feature map found, the last token node whose
+        patch tokens reach the output (see ``_last_patch_token_node``).
+        """
         self._ensure_shapes()
         chain = [node for node in cut_nodes(self.graph) if _is_feature_map(node)]
         while chain and _is_pooling(chain[-1]) and chain[-1].args and chain[-1].args[0] in chain:
@@ -221,7 +226,7 @@ class ModelArchitecture:
                 return self._info(node)
         if chain:
             return self._info(chain[-1])
-        return self._last_patch_token_node()
+        return self._last_patch_token_node() if tokens else None
 
     def token_grid_reference(self, node: Union[str, NodeInfo]) -> Optional[NodeInfo]:
         """For a token node ``(N, T, C)``, the nearest upstream feature map whose grid the tokens form."""
@@ -245,7 +250,7 @@ class ModelArchitecture:
         """
         from .shapes import default_example_inputs, token_gradients
 
-        example = default_example_inputs(self.root)
+        example = default_example_inputs(self.root, self.model)
         if example is None:
             return None
         reaching = token_gradients(self.root, example)
@@ -266,7 +271,7 @@ class ModelArchitecture:
             return
         from .shapes import default_example_inputs
 
-        example = default_example_inputs(self.root)
+        example = default_example_inputs(self.root, self.model)
         if example is not None:
             self.propagate_shapes(example)
 

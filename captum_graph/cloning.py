@@ -19,7 +19,9 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
     in-place updates of the original (an optimiser step) are visible, while
     rebinding a copy's ``weight.data`` leaves the original alone; they do not
     require gradients (attribution needs gradients of activations only). Buffers are
-    shared tensors. Hooks are not copied. A child reached twice is copied once.
+    shared tensors, except in modules in training mode (batch norm would update
+    them). Hooks and a ``rule`` attribute are not copied (rules are read from
+    the user's module when needed). A child reached twice is copied once.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
@@ -29,8 +31,12 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
     for key, value in module.__dict__.items():
         if "hook" in key and isinstance(value, dict):
             clone.__dict__[key] = type(value)()
+    clone.__dict__.pop("rule", None)
     clone._parameters = {name: _share(param) for name, param in module._parameters.items()}
-    clone._buffers = dict(module._buffers)
+    # A module in training mode updates running statistics in place: those get their own copy.
+    clone._buffers = {
+        name: b.clone() if module.training and b is not None else b for name, b in module._buffers.items()
+    }
     clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     clone._modules = {name: None if child is None else private_copy(child, memo) for name, child in module._modules.items()}
     return clone

@@ -182,8 +182,8 @@ def _explicit_hooks(rule: PropagationRule):
 def _propagate(rule: PropagationRule, module: nn.Module, args: tuple, indices: List[int], relevance: Tensor):
     """Input relevance from output relevance, for rules without a fast path."""
     if isinstance(rule, ExplicitRule):
-        tensor_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        result = rule.relevance(module, tensor_args, relevance)
+        leaves = tuple(a.detach().requires_grad_(i in indices) if isinstance(a, Tensor) else a for i, a in enumerate(args))
+        result = rule.relevance(module, leaves, relevance)
         return [result[i] if i < len(result) else None for i in indices]
     # A Captum rule: replay its weight change on a throwaway copy and its hooks.
     target = private_copy(module)

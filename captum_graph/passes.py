@@ -172,16 +172,22 @@ _INPLACE_FUNCTIONS: Dict[Callable, Callable] = {
 def remove_inplace(gm: fx.GraphModule) -> bool:
     """Make every in-place operation out-of-place.
 
-    Matches modules with ``inplace=True`` (on the graph's own copies, never the
-    user's modules), ``inplace=True`` keyword arguments, in-place functions
+    Matches modules with ``inplace=True`` (replaced by a private copy with
+    ``inplace=False``: the user's module keeps its flag), ``inplace=True``
+    keyword arguments, in-place functions
     (``torch.relu_``, ``operator.iadd``) and in-place methods (``x.add_(y)``).
     Later readers of a tensor that was modified in place read the new node.
     Idempotent.
     """
     changed = False
-    for _, module in gm.named_modules():
+    for node in gm.graph.find_nodes(op="call_module"):
+        module = gm.get_submodule(node.target)
         if getattr(module, "inplace", False) is True:
-            module.inplace = False
+            copy = private_copy(module)
+            copy.inplace = False
+            gm.add_submodule(node.target, copy)
+            if node.args and isinstance(node.args[0], fx.Node):
+                _redirect_later_readers(node, node.args[0])
             changed = True
     for node in list(gm.graph.nodes):
         mutated = _make_out_of_place(node)
@@ -292,7 +298,7 @@ def functional_to_modules(gm: fx.GraphModule) -> bool:
     for node in list(gm.graph.nodes):
         replacement = _module_for(node, dependent)
         if replacement is not None:
-            _replace_with_module(gm, node, *replacement)
+            dependent.add(_replace_with_module(gm, node, *replacement))
             changed = True
     return _finish(gm, changed)
 
@@ -402,7 +408,9 @@ def _function_module(kind: type, node: fx.Node) -> Optional[Tuple[nn.Module, tup
     return kind(fn, **fixed), node.args, passed
 
 
-def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: Iterable, kwargs: Optional[dict] = None) -> None:
+def _replace_with_module(
+    gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: Iterable, kwargs: Optional[dict] = None
+) -> fx.Node:
     qualname = node.meta.get("qualname", node.name)
     path = _free_path(gm, qualname)
     gm.add_submodule(path, module)
@@ -414,6 +422,7 @@ def _replace_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, a
     new.meta["replaced"] = _describe_target(node)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
 
 
 def _describe_target(node: fx.Node) -> str:

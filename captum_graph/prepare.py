@@ -25,11 +25,14 @@ class PreparedModel:
         call_sites: for each user module (by ``id``), the graph nodes calling it.
         model_copy: the private copy of the model the graph was traced from,
             with its container modules (the graph keeps only shells of them).
+        origins: for each ``call_module`` target standing for a user module, a
+            weak reference to that module (where a ``rule`` attribute is read).
     """
 
     graph_module: fx.GraphModule
     call_sites: Dict[int, List[fx.Node]] = field(default_factory=dict)
     model_copy: nn.Module = None
+    origins: Dict[str, "weakref.ref[nn.Module]"] = field(default_factory=dict)
 
     def architecture(self) -> "ModelArchitecture":
         """A :class:`ModelArchitecture` view of the rewritten graph."""
@@ -63,13 +66,15 @@ def prepare(model: nn.Module, fold_batch_norm: bool = False) -> PreparedModel:
 
 def _prepare(model: nn.Module, fold_batch_norm: bool) -> PreparedModel:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    user_modules = {id(module): module for module in model.modules()}
     copy = private_copy(model)
-    gm = trace(copy)
+    gm = trace(copy, record_inplace=True)
     for run_pass in PASSES + ((fold_batch_norms,) if fold_batch_norm else ()):
         run_pass(gm)
     copies = {name: module for name, module in copy.named_modules(remove_duplicate=False)}
     by_copy = {id(copies[name]): user_id for user_id, name in names.items() if name in copies}
     call_sites: Dict[int, List[fx.Node]] = {}
+    origins: Dict[str, weakref.ref] = {}
     for node in gm.graph.find_nodes(op="call_module"):
         if "replaced" in node.meta:
             continue  # a module standing for a functional operation
@@ -78,7 +83,8 @@ def _prepare(model: nn.Module, fold_batch_norm: bool) -> PreparedModel:
         user_id = by_copy.get(id(copies.get(path)))
         if user_id is not None:
             call_sites.setdefault(user_id, []).append(node)
-    return PreparedModel(gm, call_sites, copy)
+            origins[str(node.target)] = weakref.ref(user_modules[user_id])
+    return PreparedModel(gm, call_sites, copy, origins)
 
 
 def _fingerprint(model: nn.Module) -> tuple:

@@ -19,7 +19,7 @@ def model_report(model: nn.Module, preset: Optional[str] = None) -> Dict[str, An
     """
     prepared = prepare(model)
     gm = prepared.graph_module
-    assignments = assign_rules(gm, preset=preset)
+    assignments = assign_rules(gm, preset=preset, origins=prepared.origins)
     architecture = prepared.architecture()
     try:
         cam = architecture.find_cam_target_node()

@@ -7,6 +7,7 @@ unchanged, for elementwise activations) and :class:`MoveRule` (relevance is
 moved by the operation's own gradient, for concatenations and reshapes).
 """
 import copy
+import difflib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -70,7 +71,10 @@ class ConstantRule(PropagationRule):
 class ExplicitRule(PropagationRule):
     """A rule that computes input relevance from output relevance directly.
 
-    Subclasses implement :meth:`relevance`; ``epsilon`` stabilises denominators.
+    Subclasses implement :meth:`relevance`. It receives the module's inputs as
+    detached tensors; those that carry relevance (that depend on the attributed
+    inputs) have ``requires_grad`` set, the others (``additional_forward_args``,
+    constants) do not. ``epsilon`` stabilises denominators.
     """
 
     def __init__(self, epsilon: float = 1e-6) -> None:
@@ -88,7 +92,8 @@ class ExplicitRule(PropagationRule):
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """``z + epsilon * sign(z)``, with sign(0) taken as +1 (Captum's convention)."""
-    return z + torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)
+    sign = (z >= 0).to(z.dtype) * 2 - 1
+    return z + epsilon * sign  # a Python float times a float64 tensor stays exact
 
 
 def _call_with(module: nn.Module, transform: Callable[[str, Tensor], Tensor], *args: Tensor) -> Tensor:
@@ -134,7 +139,8 @@ class FlatRule(ExplicitRule):
 class ZBoxRule(ExplicitRule):
     """zB rule (Montavon et al. 2017, eq. 7) for inputs bounded by ``[low, high]``.
 
-    ``R_i = sum_j (x_i w_ij - l_i w_ij^+ - h_i w_ij^-) / z_j R_j``.
+    ``R_i = sum_j (x_i w_ij - l_i w_ij^+ - h_i w_ij^-) / z_j R_j`` where ``z_j``
+    sums the numerators (no bias).
     """
 
     def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], epsilon: float = 1e-6) -> None:
@@ -147,7 +153,7 @@ class ZBoxRule(ExplicitRule):
         high = (torch.zeros_like(x) + self.high).requires_grad_()
         with torch.enable_grad():
             z = (
-                module(x)
+                _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p, x)
                 - _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), low)
                 - _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(max=0), high)
             )
@@ -160,17 +166,18 @@ class UniformSplitRule(ExplicitRule):
 
     For ``z = f(a, b)`` bilinear with no known role of either factor, each
     factor gets the epsilon rule's share halved: ``R_a = a * df/da * R / (2 z)``;
-    for an elementwise product that is ``R_a = R_b = R / 2``.
+    for an elementwise product that is ``R_a = R_b = R / 2``. A factor that
+    carries no relevance (an additional forward argument) is a constant: the
+    other factor then gets all of it.
     """
 
     def relevance(self, module, inputs, relevance):
-        leaves = [x.detach().requires_grad_() if isinstance(x, Tensor) else x for x in inputs]
-        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        signals = [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
         with torch.enable_grad():
-            z = module(*leaves)
-            grads = torch.autograd.grad(z, tensors, self._ratio(relevance, z) / len(tensors), allow_unused=True)
-        found = iter(x * g if g is not None else None for x, g in zip(tensors, grads))
-        return tuple(next(found) if isinstance(x, Tensor) else None for x in leaves)
+            z = module(*inputs)
+            grads = torch.autograd.grad(z, signals, self._ratio(relevance, z) / len(signals), allow_unused=True)
+        found = iter(x * g if g is not None else None for x, g in zip(signals, grads))
+        return tuple(next(found) if isinstance(x, Tensor) and x.requires_grad else None for x in inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -283,15 +290,22 @@ def assign_rules(
     gm: fx.GraphModule,
     rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
     preset: Union[str, Preset, None] = None,
+    origins: Optional[Mapping[str, Callable[[], Optional[nn.Module]]]] = None,
 ) -> List[RuleAssignment]:
     """A rule for every relevance-carrying node of ``gm``, never raising.
 
+    ``origins`` maps a module target of ``gm`` to (a weak reference to) the
+    user's module it stands for, whose ``rule`` attribute is read at call time.
     Precedence: a ``rule`` attribute the user set on the module, then
     ``rules`` keyed by qualified name (longest prefix wins), then ``rules``
     keyed by module type, then the preset, then the registered and built-in
-    defaults. Nodes without a rule are reported with ``problem`` set.
+    defaults. A name covers everything inside that module, except
+    pass-through and data-movement modules, which it must name exactly. Nodes
+    without a rule are reported with ``problem`` set; only a name in ``rules``
+    that matches nothing raises (``ValueError``).
     """
     by_name, by_type = _split_rule_keys(rules or {})
+    _check_names_exist(gm, by_name)
     chosen_preset = _preset(preset)
     first_layer = _first_layer(gm)
     dependent = input_dependent_nodes(gm.graph)
@@ -301,7 +315,9 @@ def assign_rules(
             continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            rule, source = _rule_for(node, module, by_name, by_type, chosen_preset, node is first_layer)
+            origin = (origins or {}).get(str(node.target))
+            own_rule = getattr(origin() if origin is not None else None, "rule", None)
+            rule, source = _rule_for(node, module, own_rule, by_name, by_type, chosen_preset, node is first_layer)
             problem = None if rule is not None else _missing_rule_message(node, module)
             assignments.append(_assignment(node, type(module).__qualname__, rule, source, problem))
         elif _moves_data(node) or not _carries_tensor(node):
@@ -352,14 +368,14 @@ def _preset(preset: Union[str, Preset, None]) -> Optional[Preset]:
     return PRESETS[preset]
 
 
-def _rule_for(node, module, by_name, by_type, preset, is_first) -> Tuple[Optional[PropagationRule], str]:
-    own = module.__dict__.get("rule")
+def _rule_for(node, module, own, by_name, by_type, preset, is_first) -> Tuple[Optional[PropagationRule], str]:
     if isinstance(own, PropagationRule):
         return copy.deepcopy(own), "module.rule"
-    qualname = node.meta.get("qualname", node.name)
-    named = [key for key in by_name if qualname == key or qualname.startswith(key + ".")]
-    if named:
-        return copy.deepcopy(by_name[max(named, key=len)]), f"rules[{max(named, key=len)!r}]"
+    named = [key for key in by_name if any(_covers(key, name) for name in _names(node))]
+    exact = [key for key in named if key in _names(node)]
+    if named and (exact or not isinstance(module, PASS_THROUGH_TYPES + MOVE_TYPES)):
+        key = max(named, key=len)
+        return copy.deepcopy(by_name[key]), f"rules[{key!r}]"
     for types, rule in by_type:
         if isinstance(module, types):
             return copy.deepcopy(rule), f"rules[{getattr(types, '__name__', types)}]"
@@ -371,6 +387,28 @@ def _rule_for(node, module, by_name, by_type, preset, is_first) -> Tuple[Optiona
         if isinstance(module, types):
             return factory(), "default"
     return None, ""
+
+
+def _names(node: fx.Node) -> Tuple[str, ...]:
+    """The node's qualified name and, for a module call, the module's own path."""
+    names = (node.meta.get("qualname", node.name),)
+    stack = node.meta.get("nn_module_stack")
+    if node.op == "call_module" and "replaced" not in node.meta and stack:
+        names += (list(stack.values())[-1][0],)
+    return names
+
+
+def _covers(key: str, name: str) -> bool:
+    return name == key or name.startswith(key + ".")
+
+
+def _check_names_exist(gm: fx.GraphModule, by_name: Mapping[str, PropagationRule]) -> None:
+    known = {name for node in gm.graph.nodes for name in _names(node)}
+    for key in by_name:
+        if not any(_covers(key, name) for name in known):
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"rules[{key!r}] names no module or node of the model.{hint}")
 
 
 def _first_layer(gm: fx.GraphModule) -> Optional[fx.Node]:

@@ -23,15 +23,15 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     gm.graph.owning_module = gm  # GraphModule() above took ownership of the graph
 
 
-def default_example_inputs(gm: fx.GraphModule) -> Optional[Tuple[torch.Tensor]]:
+def default_example_inputs(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> Optional[Tuple[torch.Tensor]]:
     """One random image-sized input for the first convolution's channels, or ``None``.
 
-    Uses the model's ``image_size`` attribute if it has one (torchvision ViT),
-    else 224x224.
+    Uses the ``image_size`` attribute of ``model`` (or ``gm``) if it has one
+    (torchvision ViT), else 224x224.
     """
     for module in gm.modules():
         if isinstance(module, nn.Conv2d):
-            size = getattr(gm, "image_size", 224)
+            size = getattr(model, "image_size", getattr(gm, "image_size", 224))
             parameter = module.weight
             generator = torch.Generator().manual_seed(0)  # random, so gradients are not degenerate
             example = torch.randn(1, module.in_channels, size, size, generator=generator, dtype=parameter.dtype)

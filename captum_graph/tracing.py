@@ -6,6 +6,7 @@ or of the functional operation inside its owning module (``layer1.0.add``).
 """
 import contextlib
 import linecache
+import operator
 import os
 import re
 import sys
@@ -95,15 +96,19 @@ class QualnameTracer(fx.Tracer):
     Args:
         leaf_modules: module classes to keep as leaves, besides the registered ones.
         leaf_functions: functions to record as single nodes, besides the registered ones.
+        record_inplace: record ``a += b`` as ``operator.iadd`` (exact when another
+            name refers to ``a``) instead of fx's ``operator.add``.
     """
 
     def __init__(
         self,
         leaf_modules: Tuple[Type[nn.Module], ...] = (),
         leaf_functions: Tuple[Callable, ...] = (),
+        record_inplace: bool = False,
     ) -> None:
         super().__init__(autowrap_functions=tuple(leaf_functions) + registered_leaf_functions())
         self._leaf_types = tuple(leaf_modules) + registered_leaf_modules()
+        self._record_inplace = record_inplace
         self._module_path = ""
         self.module_path_stack = []
         self._used_qualnames: Dict[str, int] = {}
@@ -111,7 +116,10 @@ class QualnameTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) or _inherits_torch_leaf_forward(m)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InplaceProxy(node, self) if self._record_inplace else super().proxy(node)
 
     def call_module(self, m: nn.Module, forward: Callable, args: Tuple, kwargs: Dict) -> Any:
         outer = self._module_path
@@ -133,11 +141,12 @@ class QualnameTracer(fx.Tracer):
         return proxy
 
     def _qualname(self, node: fx.Node) -> str:
-        if node.op == "call_module":
+        if node.op in ("call_module", "get_attr"):
             return str(node.target)
         if node.op in ("placeholder", "output"):
             return node.name
-        base = re.sub(r"_\d+$", "", node.name)
+        base = node.target if node.op == "call_method" else _PLAIN_NAMES.get(node.target) or getattr(node.target, "__name__", None)
+        base = base or re.sub(r"_\d+$", "", node.name)
         return f"{self._module_path}.{base}" if self._module_path else base
 
     def _unique_qualname(self, qualname: str) -> str:
@@ -146,13 +155,55 @@ class QualnameTracer(fx.Tracer):
         return qualname if count == 0 else f"{qualname}_{count}"
 
 
+def _inherits_torch_leaf_forward(m: nn.Module) -> bool:
+    """A subclass of a torch.nn layer that keeps its ``forward`` (``class MyLinear(nn.Linear)``)."""
+    for base in type(m).__mro__[1:]:
+        if base.__module__.startswith("torch.nn.modules") and base not in _TORCH_CONTAINERS:
+            return type(m).forward is base.forward
+    return False
+
+
+_PLAIN_NAMES = {operator.iadd: "add", operator.isub: "sub", operator.imul: "mul", operator.itruediv: "truediv"}
+_TORCH_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+class _InplaceProxy(fx.Proxy):
+    """A Proxy that records ``a += b`` as ``operator.iadd``.
+
+    fx's Proxy has no in-place operators, so Python rebinds ``a`` to ``a + b``
+    and other names for the same tensor silently keep the old value; the
+    rewrite pass ``remove_inplace`` then makes the mutation explicit. The node
+    keeps the name of the plain operation (``add``), so qualified names read
+    ``layer1.0.add``.
+    """
+
+    def _inplace(self, function: Callable, name: str, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", function, (self, other), {}, name=name)
+
+    def __iadd__(self, other):
+        return self._inplace(operator.iadd, "add", other)
+
+    def __isub__(self, other):
+        return self._inplace(operator.isub, "sub", other)
+
+    def __imul__(self, other):
+        return self._inplace(operator.imul, "mul", other)
+
+    def __itruediv__(self, other):
+        return self._inplace(operator.itruediv, "truediv", other)
+
+
 def trace(
     model: nn.Module,
     concrete_args: Optional[Dict[str, Any]] = None,
     leaf_modules: Tuple[Type[nn.Module], ...] = (),
     leaf_functions: Tuple[Callable, ...] = (),
+    record_inplace: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule whose nodes carry qualified names.
+
+    Arguments are those of :class:`QualnameTracer`; ``concrete_args`` as for
+    ``torch.fx.Tracer.trace``.
 
     The GraphModule shares the model's submodules and parameters. The model's
     ``training`` flags are the same afterwards, also when tracing fails.
@@ -162,14 +213,15 @@ def trace(
             of the exception type the tracer raised, and says which module
             failed, at which line of the user's source, and what to do.
     """
-    tracer = QualnameTracer(leaf_modules, leaf_functions)
+    tracer = QualnameTracer(leaf_modules, leaf_functions, record_inplace)
     with preserved_training_flags(model):
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as error:
             raise _tracing_error(error, tracer, model) from error
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    for node in graph.find_nodes(op="output"):
+        node.meta.setdefault("qualname", node.name)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 @contextlib.contextmanager

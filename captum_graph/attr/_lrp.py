@@ -33,7 +33,7 @@ class _GraphLRPMixin:
         self.rules = dict(rules or {})
         self.preset = preset
         self.fold_batch_norm = fold_batch_norm
-        assign_rules(self.prepared.graph_module, self.rules, self.preset)  # validates keys and preset early
+        self.rule_report()  # validates keys and preset early
 
     @property
     def prepared(self) -> PreparedModel:
@@ -42,7 +42,8 @@ class _GraphLRPMixin:
 
     def rule_report(self) -> List[RuleAssignment]:
         """Which rule each node gets and why; unsupported nodes have ``problem`` set."""
-        return assign_rules(self.prepared.graph_module, self.rules, self.preset)
+        prepared = self.prepared
+        return assign_rules(prepared.graph_module, self.rules, self.preset, prepared.origins)
 
     def _assignments(self, verbose: bool) -> List[RuleAssignment]:
         assignments = self.rule_report()
@@ -108,6 +109,7 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
     def __init__(
         self,
         model: nn.Module,
+        *,
         rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
         preset: Union[str, Preset, None] = None,
         fold_batch_norm: bool = False,
@@ -172,7 +174,6 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
     Args:
         model: the model, as it is.
         layer: see above.
-        device_ids: as in Captum (accepted for compatibility).
         rules, preset, fold_batch_norm: as in :class:`LRP`.
     """
 
@@ -180,12 +181,12 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
         self,
         model: nn.Module,
         layer: Union[LayerSpec, List[LayerSpec]],
-        device_ids: Union[None, List[int]] = None,
+        *,
         rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
         preset: Union[str, Preset, None] = None,
         fold_batch_norm: bool = False,
     ) -> None:
-        _CaptumLayerLRP.__init__(self, model, layer, device_ids)
+        _CaptumLayerLRP.__init__(self, model, layer)
         self._init_rules(rules, preset, fold_batch_norm)
         self._layer_nodes = [resolve_layer(model, self.prepared, spec) for spec in self._layer_list()]
 

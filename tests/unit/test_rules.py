@@ -1,0 +1,586 @@
+"""Rules: each rule against the slow reference, precedence, copies, registry, presets."""
+import os
+import sys
+
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS_DIR not in sys.path:  # harmless when tests/conftest.py already put it there
+    sys.path.insert(0, _TESTS_DIR)
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import InputXGradient
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule, PropagationRule
+from torch import nn
+
+import captum_graph
+from captum_graph import rules as rules_module
+from captum_graph import tracing as tracing_module
+from captum_graph.attr import LRP
+from captum_graph.errors import UnsupportedOperationError
+from captum_graph.rules import FlatRule, PassThroughRule, ZBoxRule, ZPlusRule
+from helpers import reference_lrp as ref
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+
+DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-8) -> None:
+    """Elementwise rtol, with an absolute floor relative to the largest value (exact zeros)."""
+    atol = 1e-12 * max(1.0, float(expected.detach().abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def _one_hot_relevance(out: torch.Tensor, target: int) -> torch.Tensor:
+    relevance = torch.zeros_like(out)
+    relevance[:, target] = out[:, target]
+    return relevance
+
+
+def _report(lrp) -> dict:
+    return {entry.qualname: entry for entry in lrp.rule_report()}
+
+
+def _state(rule: PropagationRule) -> dict:
+    """The rule's instance attributes, by identity (a mutation or a new attribute shows)."""
+    return {key: (id(value), repr(value)) for key, value in vars(rule).items()}
+
+
+class MLP(nn.Module):
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5, bias=bias)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, kernel_size: int, stride: int, padding: int, bias: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.relu = nn.ReLU()
+        self.flatten = nn.Flatten()
+        side = (6 + 2 * padding - kernel_size) // stride + 1
+        self.fc = nn.Linear(3 * side * side, 3)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.relu(self.conv1(x))))
+
+
+def _seeded(factory, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory().to(DTYPE).eval()
+
+
+def _inputs(*shape: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=DTYPE)
+
+
+# Each case: (captum_graph rule factory, reference function taking (layer, x, relevance, bounds)).
+# ``bounds`` are the ZBox bounds for the test's input shape.
+RULE_CASES = {
+    "epsilon": (lambda b: EpsilonRule(), lambda layer, x, r, b: ref.epsilon(layer, x, r, eps=1e-9)),
+    "epsilon-large": (lambda b: EpsilonRule(0.25), lambda layer, x, r, b: ref.epsilon(layer, x, r, eps=0.25)),
+    "gamma": (lambda b: GammaRule(), lambda layer, x, r, b: ref.gamma(layer, x, r, gamma=0.25)),
+    "gamma-no-bias": (
+        lambda b: GammaRule(gamma=0.7, set_bias_to_zero=True),
+        lambda layer, x, r, b: ref.gamma(layer, x, r, gamma=0.7, set_bias_to_zero=True),
+    ),
+    "alpha1-beta0": (lambda b: Alpha1_Beta0_Rule(), lambda layer, x, r, b: ref.alpha1_beta0(layer, x, r)),
+    "alpha1-beta0-no-bias": (
+        lambda b: Alpha1_Beta0_Rule(set_bias_to_zero=True),
+        lambda layer, x, r, b: ref.alpha1_beta0(layer, x, r, set_bias_to_zero=True),
+    ),
+    "zplus": (lambda b: ZPlusRule(), lambda layer, x, r, b: ref.zplus(layer, x, r, eps=1e-6)),
+    # 0.25 is exact in float32 too: these cases test the rule, not the stabiliser's dtype (see below)
+    "zplus-large-eps": (lambda b: ZPlusRule(epsilon=0.25), lambda layer, x, r, b: ref.zplus(layer, x, r, eps=0.25)),
+    "flat": (lambda b: FlatRule(), lambda layer, x, r, b: ref.flat(layer, x, r, eps=1e-6)),
+    "zbox": (lambda b: ZBoxRule(-3.0, 3.0), lambda layer, x, r, b: ref.zbox(layer, x, r, -3.0, 3.0, eps=1e-6)),
+    "zbox-tensor-bounds": (
+        lambda b: ZBoxRule(b[0], b[1]),
+        lambda layer, x, r, b: ref.zbox(layer, x, r, b[0], b[1], eps=1e-6),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# the reference itself (so that agreeing with it means something)
+# ---------------------------------------------------------------------------
+def test_reference_epsilon_on_conv_is_gradient_times_input():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).to(DTYPE)
+    x = _inputs(2, 2, 5, 5)
+    relevance = _inputs(2, 3, 3, 3, seed=2)
+    x_grad = x.clone().requires_grad_()
+    z = conv(x_grad)
+    (grad,) = torch.autograd.grad(z, x_grad, relevance / ref.stabilize(z.detach(), 1e-9))
+    _assert_close(ref.epsilon(conv, x, relevance), x * grad)
+
+
+@pytest.mark.parametrize("rule", ["zplus", "flat", "zbox"])
+def test_reference_bias_free_rules_conserve_relevance_on_padded_conv(rule):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False).to(DTYPE)
+    x = _inputs(2, 2, 4, 4)
+    relevance = _inputs(2, 3, 4, 4, seed=2)
+    kwargs = {"low": -3.0, "high": 3.0} if rule == "zbox" else {}
+    out = ref.RULES[rule](conv, x, relevance, eps=1e-12, **kwargs)
+    torch.testing.assert_close(out.sum((1, 2, 3)), relevance.sum((1, 2, 3)), rtol=1e-9, atol=1e-9)
+
+
+def test_reference_flat_counts_only_real_inputs():
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False).to(DTYPE)
+    relevance = torch.zeros(1, 1, 3, 3, dtype=DTYPE)
+    relevance[0, 0, 0, 0] = 1.0  # a corner output sees 4 real inputs and 5 padded ones
+    out = ref.flat(conv, torch.zeros(1, 1, 3, 3, dtype=DTYPE), relevance, eps=0.0)
+    expected = torch.zeros(1, 1, 3, 3, dtype=DTYPE)
+    expected[0, 0, :2, :2] = 0.25
+    _assert_close(out, expected)
+
+
+# ---------------------------------------------------------------------------
+# each rule against the reference
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+def test_rule_on_linear_matches_reference(case, bias):
+    rule_factory, reference = RULE_CASES[case]
+    model = _seeded(lambda: MLP(bias=bias))
+    x = _inputs(4, 6)
+    bounds = (x.min(0).values - 0.5, x.max(0).values + 0.5)
+    target = 1
+    lrp = LRP(model, rules={"fc1": rule_factory(bounds), "fc2": EpsilonRule(1e-9)})
+    assert type(_report(lrp)["fc1"].rule) is type(rule_factory(bounds))
+
+    actual = lrp.attribute(x, target=target)
+
+    with torch.no_grad():
+        hidden = model.relu(model.fc1(x))
+        out = model.fc2(hidden)
+    hidden_relevance = ref.epsilon(model.fc2, hidden, _one_hot_relevance(out, target), eps=1e-9)
+    expected = reference(model.fc1, x, hidden_relevance, bounds)  # the ReLU passes relevance unchanged
+    _assert_close(actual, expected)
+
+
+CONV_GEOMETRIES = {
+    "k3-pad1": dict(kernel_size=3, stride=1, padding=1, bias=True),
+    "k3-pad1-stride2-no-bias": dict(kernel_size=3, stride=2, padding=1, bias=False),
+    "k2-stride2": dict(kernel_size=2, stride=2, padding=0, bias=True),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(CONV_GEOMETRIES))
+@pytest.mark.parametrize("case", sorted(RULE_CASES))
+def test_rule_on_conv2d_matches_unfold_reference(case, geometry):
+    rule_factory, reference = RULE_CASES[case]
+    model = _seeded(lambda: ConvNet(**CONV_GEOMETRIES[geometry]))
+    x = _inputs(2, 2, 6, 6)
+    bounds = (x.amin((0, 2, 3))[:, None, None] - 0.5, x.amax((0, 2, 3))[:, None, None] + 0.5)
+    target = 2
+    lrp = LRP(model, rules={"conv1": rule_factory(bounds), "fc": EpsilonRule(1e-9)})
+
+    actual = lrp.attribute(x, target=target)
+
+    with torch.no_grad():
+        z = model.conv1(x)
+        hidden = model.flatten(model.relu(z))
+        out = model.fc(hidden)
+    hidden_relevance = ref.epsilon(model.fc, hidden, _one_hot_relevance(out, target), eps=1e-9)
+    expected = reference(model.conv1, x, hidden_relevance.reshape(z.shape), bounds)
+    _assert_close(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "rule, reference",
+    [
+        (lambda: EpsilonRule(0.1), lambda layer, x, r: ref.epsilon(layer, x, r, eps=0.1)),
+        (lambda: ZPlusRule(epsilon=0.1), lambda layer, x, r: ref.zplus(layer, x, r, eps=0.1)),
+    ],
+    ids=["epsilon", "zplus"],
+)
+def test_stabiliser_uses_the_exact_float64_epsilon(rule, reference):
+    """``z + eps * sign(z)`` must not round ``eps`` to float32 (0.1 is not a float32 number)."""
+    model = _seeded(MLP)
+    x = _inputs(4, 6)
+    actual = LRP(model, rules={"fc1": rule(), "fc2": EpsilonRule(1e-9)}).attribute(x, target=0)
+    with torch.no_grad():
+        hidden = model.relu(model.fc1(x))
+        out = model.fc2(hidden)
+    expected = reference(model.fc1, x, ref.epsilon(model.fc2, hidden, _one_hot_relevance(out, 0), eps=1e-9))
+    _assert_close(actual, expected, rtol=1e-10)
+
+
+class ReusedMLP(nn.Module):
+    """``fc1`` and ``relu`` are each called at two places."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 5)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(self.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("case", ["gamma", "zplus", "flat", "alpha1-beta0"])
+def test_rule_on_reused_module_matches_reference_at_both_call_sites(case):
+    """Per-call-site rule state: Captum's own LRP refuses reused modules, this must not mix them up."""
+    rule_factory, reference = RULE_CASES[case]
+    model = _seeded(ReusedMLP)
+    x = _inputs(3, 5)
+    target = 0
+    lrp = LRP(model, rules={nn.Linear: rule_factory(None), "fc2": EpsilonRule(1e-9)})
+
+    actual = lrp.attribute(x, target=target)
+
+    with torch.no_grad():
+        a1 = model.relu(model.fc1(x))
+        a2 = model.relu(model.fc1(a1))
+        out = model.fc2(a2)
+    r2 = ref.epsilon(model.fc2, a2, _one_hot_relevance(out, target), eps=1e-9)
+    r1 = reference(model.fc1, a1, r2, None)
+    expected = reference(model.fc1, x, r1, None)
+    _assert_close(actual, expected)
+
+
+# ---------------------------------------------------------------------------
+# precedence
+# ---------------------------------------------------------------------------
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.relu = nn.ReLU()
+        self.block = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5))
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(self.block(self.relu(self.fc1(x))))
+
+
+def _assert_entry(entry, rule_type: type, source: str) -> None:
+    assert type(entry.rule) is rule_type, f"{entry.qualname}: {type(entry.rule).__name__} ({entry.source})"
+    if source in ("default", "module.rule"):
+        assert entry.source == source, entry
+    elif source.startswith("preset "):
+        assert entry.source.startswith("preset") and source.split()[1] in entry.source, entry
+    else:  # "rules[...]": the key shows, quoted for names
+        assert entry.source.startswith("rules[") and source[len("rules[") : -1] in entry.source, entry
+
+
+def test_defaults_are_captums_epsilon_and_pass_through():
+    report = _report(LRP(_seeded(Nested)))
+    for name in ("fc1", "block.0", "block.2", "fc2"):
+        _assert_entry(report[name], EpsilonRule, "default")
+        assert report[name].rule.STABILITY_FACTOR == 1e-9
+    for name in ("relu", "block.1"):
+        _assert_entry(report[name], PassThroughRule, "default")
+
+
+def test_precedence_ladder_module_rule_then_name_then_type_then_preset_then_default():
+    # Each step adds a more specific source for fc1. A fresh model per step, so
+    # that this test is about precedence only (see the cache test below).
+    lrp = LRP(_seeded(Nested))
+    _assert_entry(_report(lrp)["fc1"], EpsilonRule, "default")
+
+    lrp = LRP(_seeded(Nested), preset="epsilon-plus-flat")
+    _assert_entry(_report(lrp)["fc1"], FlatRule, "preset epsilon-plus-flat")
+    _assert_entry(_report(lrp)["fc2"], EpsilonRule, "preset epsilon-plus-flat")
+
+    rules = {nn.Linear: GammaRule()}
+    lrp = LRP(_seeded(Nested), rules=rules, preset="epsilon-plus-flat")
+    _assert_entry(_report(lrp)["fc1"], GammaRule, "rules[Linear]")
+    _assert_entry(_report(lrp)["fc2"], GammaRule, "rules[Linear]")
+
+    rules = {nn.Linear: GammaRule(), "fc1": Alpha1_Beta0_Rule()}
+    lrp = LRP(_seeded(Nested), rules=rules, preset="epsilon-plus-flat")
+    _assert_entry(_report(lrp)["fc1"], Alpha1_Beta0_Rule, "rules['fc1']")
+    _assert_entry(_report(lrp)["fc2"], GammaRule, "rules[Linear]")
+
+    model = _seeded(Nested)
+    model.fc1.rule = ZPlusRule()
+    lrp = LRP(model, rules=rules, preset="epsilon-plus-flat")
+    _assert_entry(_report(lrp)["fc1"], ZPlusRule, "module.rule")
+    _assert_entry(_report(lrp)["fc2"], GammaRule, "rules[Linear]")
+
+
+def test_module_rule_set_or_removed_after_an_earlier_attribution_is_honoured():
+    """``module.rule`` is read when attributing, not frozen into the cached graph."""
+    model = _seeded(Nested)
+    x = _inputs(2, 4)
+    LRP(model).attribute(x, target=0)  # prepares and caches the graph
+    model.fc2.rule = GammaRule()
+    _assert_entry(_report(LRP(model))["fc2"], GammaRule, "module.rule")
+    del model.fc2.rule
+    _assert_entry(_report(LRP(model))["fc2"], EpsilonRule, "default")
+
+
+def test_rules_by_name_longest_prefix_wins_and_covers_children():
+    rules = {"block": GammaRule(), "block.2": ZPlusRule()}
+    report = _report(LRP(_seeded(Nested), rules=rules))
+    _assert_entry(report["block.0"], GammaRule, "rules['block']")
+    # a container's name leaves pass-through modules inside it alone; naming them exactly does not
+    _assert_entry(report["block.1"], PassThroughRule, "default")
+    _assert_entry(report["block.2"], ZPlusRule, "rules['block.2']")
+    _assert_entry(report["fc1"], EpsilonRule, "default")
+    _assert_entry(_report(LRP(_seeded(Nested), rules={"block.1": GammaRule()}))["block.1"], GammaRule, "rules['block.1']")
+    # 'fc' is not a prefix of 'fc1' in the qualified-name sense ('fc.' would be): it names nothing
+    with pytest.raises(ValueError, match=r"rules\['fc'\] names no module or node.*'fc1'"):
+        LRP(_seeded(Nested), rules={"fc": FlatRule()})
+
+
+def test_rules_by_type_tuple_key():
+    rules = {(nn.ReLU, nn.Tanh): EpsilonRule(0.5), nn.Linear: GammaRule()}
+    report = _report(LRP(_seeded(Nested), rules=rules))
+    for name in ("relu", "block.1"):
+        assert type(report[name].rule) is EpsilonRule and report[name].rule.STABILITY_FACTOR == 0.5
+        assert report[name].source.startswith("rules[")
+    _assert_entry(report["fc1"], GammaRule, "rules[Linear]")
+
+
+class MyLinear(nn.Linear):
+    """A user's subclass (timm and many codebases have one): still a Linear."""
+
+
+def test_rules_by_type_and_presets_reach_subclasses_of_torch_layers():
+    """isinstance matching (STYLE.md): ``rules={nn.Linear: ...}`` and presets cover subclasses."""
+    model = _seeded(Nested)
+    model.fc1 = MyLinear(4, 5).to(DTYPE)
+    report = LRP(model, rules={nn.Linear: GammaRule()}).rule_report()
+    linears = [entry for entry in report if entry.module_type in ("Linear", "MyLinear", "LinearFunction")]
+    assert [entry.qualname for entry in linears] == ["fc1", "block.0", "block.2", "fc2"], [
+        (entry.qualname, entry.module_type) for entry in report
+    ]
+    assert all(type(entry.rule) is GammaRule for entry in linears), [(e.qualname, e.rule_name) for e in linears]
+
+    report = _report(LRP(model, preset="epsilon-plus-flat"))
+    _assert_entry(report["fc1"], FlatRule, "preset epsilon-plus-flat")
+    _assert_entry(report["fc2"], EpsilonRule, "preset epsilon-plus-flat")
+
+
+def test_module_rule_on_a_container_is_not_inherited_by_a_name_rule_of_the_child():
+    """A ``rule`` set on a module of the user's model is honoured for that module only."""
+    model = _seeded(Nested)
+    model.block[0].rule = Alpha1_Beta0_Rule()
+    try:
+        report = _report(LRP(model, rules={"block": GammaRule()}))
+    finally:
+        del model.block[0].rule
+    _assert_entry(report["block.0"], Alpha1_Beta0_Rule, "module.rule")
+    _assert_entry(report["block.2"], GammaRule, "rules['block']")
+
+
+def test_rule_by_name_applies_to_every_call_site_of_the_module():
+    """``rules={"fc1": ...}`` names the user's module fc1; a second call of fc1 is still fc1.
+
+    ``module.rule`` reaches both call sites, and so does a type key; a name key
+    must not silently leave the second call site on the default rule.
+    """
+    report = LRP(_seeded(ReusedMLP), rules={"fc1": GammaRule()}).rule_report()
+    linear_sites = [entry for entry in report if entry.module_type == "Linear" and entry.qualname != "fc2"]
+    assert len(linear_sites) == 2, [entry.qualname for entry in report]
+    for entry in linear_sites:
+        assert type(entry.rule) is GammaRule, f"call site {entry.qualname!r} got {entry.rule_name} ({entry.source})"
+
+
+def test_bad_rule_keys_and_values_are_rejected():
+    model = _seeded(Nested)
+    with pytest.raises(TypeError, match="PropagationRule"):
+        LRP(model, rules={"fc1": GammaRule})  # the class, not an instance
+    with pytest.raises(TypeError, match="keys"):
+        LRP(model, rules={3: GammaRule()})
+    with pytest.raises(ValueError, match="unknown preset"):
+        LRP(model, preset="epsilon-plus-flatt")
+
+
+# ---------------------------------------------------------------------------
+# rules are copied per call site; the user's rule objects are never changed
+# ---------------------------------------------------------------------------
+def test_every_call_site_gets_its_own_rule_object():
+    shared = GammaRule()
+    model = _seeded(ReusedMLP)
+    model.fc2.rule = EpsilonRule(0.1)
+    try:
+        report = LRP(model, rules={nn.Linear: shared, nn.ReLU: PassThroughRule()}).rule_report()
+        own = model.fc2.rule
+    finally:
+        del model.fc2.rule
+    rules = [entry.rule for entry in report if entry.rule is not None]
+    assert len(rules) == 5  # fc1, relu, fc1 again, relu again, fc2
+    assert len({id(rule) for rule in rules}) == len(rules), "two call sites share one rule object"
+    assert all(rule is not shared and rule is not own for rule in rules)
+
+
+def test_user_rule_objects_gain_no_attributes_during_attribution():
+    by_name, by_type, on_module = ZPlusRule(), GammaRule(), Alpha1_Beta0_Rule()
+    model = _seeded(ReusedMLP)
+    model.fc2.rule = on_module
+    before = {name: _state(rule) for name, rule in [("name", by_name), ("type", by_type), ("module", on_module)]}
+    class_state = (dict(PropagationRule.relevance_input), dict(PropagationRule.relevance_output))
+    try:
+        lrp = LRP(model, rules={"fc1": by_name, nn.Linear: by_type})
+        lrp.attribute(_inputs(2, 5), target=0)
+        lrp.attribute(_inputs(2, 5, seed=3), target=1)
+        assert model.fc2.rule is on_module
+    finally:
+        del model.fc2.rule
+    after = {name: _state(rule) for name, rule in [("name", by_name), ("type", by_type), ("module", on_module)]}
+    assert after == before
+    # Captum keeps relevance dictionaries on the class; they must stay untouched too.
+    assert (PropagationRule.relevance_input, PropagationRule.relevance_output) == class_state
+
+
+# ---------------------------------------------------------------------------
+# register_rule: a custom leaf module becomes supported
+# ---------------------------------------------------------------------------
+class Affine(nn.Module):
+    """A custom layer kept as a leaf: captum_graph cannot know its rule by itself."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, features))
+        self.bias = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class WithAffine(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.affine = Affine(4)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.affine(self.relu(self.affine(x)))))
+
+
+class MyEpsilonRule(EpsilonRule):
+    pass
+
+
+@pytest.fixture
+def clean_registries(monkeypatch):
+    """Registering in a test must not leak: fresh copies of the rule and leaf registries."""
+    monkeypatch.setattr(rules_module, "_DEFAULT_RULES", list(rules_module._DEFAULT_RULES))
+    monkeypatch.setattr(tracing_module, "_LEAF_MODULES", set(tracing_module._LEAF_MODULES))
+
+
+def test_custom_leaf_module_without_rule_is_reported_and_refused(clean_registries):
+    captum_graph.register_leaf_module(Affine)
+    lrp = LRP(_seeded(WithAffine))
+    entries = [entry for entry in lrp.rule_report() if entry.module_type == "Affine"]
+    assert len(entries) == 2 and all(entry.rule is None and entry.problem for entry in entries)
+    assert "affine" in entries[0].problem and "register_rule" in entries[0].problem
+    with pytest.raises(UnsupportedOperationError, match="no LRP rule"):
+        lrp.attribute(_inputs(2, 4), target=0)
+
+
+@pytest.mark.parametrize("as_instance", [True, False], ids=["instance", "factory"])
+def test_register_rule_makes_custom_leaf_module_supported(clean_registries, as_instance):
+    captum_graph.register_leaf_module(Affine)
+    registered = MyEpsilonRule(1e-12)
+    captum_graph.register_rule(Affine, registered if as_instance else MyEpsilonRule)
+    model = _seeded(WithAffine)
+    x = _inputs(3, 4)
+
+    lrp = LRP(model)
+    entries = [entry for entry in lrp.rule_report() if entry.module_type == "Affine"]
+    assert len(entries) == 2
+    for entry in entries:
+        _assert_entry(entry, MyEpsilonRule, "default")
+        assert entry.rule is not registered
+    assert entries[0].rule is not entries[1].rule
+    # Epsilon everywhere on a ReLU network: Gradient x Input
+    expected = InputXGradient(model).attribute(x.clone(), target=2)
+    _assert_close(lrp.attribute(x, target=2), expected, rtol=1e-6)
+
+
+def test_registered_rule_comes_before_builtin_defaults_but_after_user_rules(clean_registries):
+    captum_graph.register_rule(nn.Linear, GammaRule(0.5))
+    model = _seeded(Nested)
+    report = _report(LRP(model, rules={"fc2": ZPlusRule()}))
+    _assert_entry(report["fc1"], GammaRule, "default")
+    assert report["fc1"].rule.gamma == 0.5
+    _assert_entry(report["fc2"], ZPlusRule, "rules['fc2']")
+
+
+# ---------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------
+class PresetNet(nn.Module):
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.relu = nn.ReLU()
+        self.fc1 = nn.Linear(4, 4, bias=bias)
+        self.fc2 = nn.Linear(4, 3, bias=bias)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        x = self.relu(self.conv3(x)).mean((2, 3))
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+PRESET_EXPECTATIONS = {
+    "epsilon-plus-flat": (FlatRule, ZPlusRule, EpsilonRule),
+    "epsilon-gamma-box": (ZBoxRule, GammaRule, EpsilonRule),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
+def test_preset_assigns_first_layer_conv_and_linear_rules(preset):
+    first, conv, linear = PRESET_EXPECTATIONS[preset]
+    report = LRP(_seeded(PresetNet), preset=preset).rule_report()
+    by_name = {entry.qualname: entry for entry in report}
+    _assert_entry(by_name["conv1"], first, f"preset {preset}")
+    for name in ("conv2", "conv3"):
+        _assert_entry(by_name[name], conv, f"preset {preset}")
+    for name in ("fc1", "fc2"):
+        _assert_entry(by_name[name], linear, f"preset {preset}")
+    # operations the preset says nothing about keep their defaults
+    for entry in report:
+        if entry.qualname not in ("conv1", "conv2", "conv3", "fc1", "fc2") and entry.rule is not None:
+            assert entry.source in ("default", "data movement"), entry
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
+def test_preset_on_dense_network_uses_first_rule_on_first_linear(preset):
+    first, _, linear = PRESET_EXPECTATIONS[preset]
+    report = _report(LRP(_seeded(Nested), preset=preset))
+    _assert_entry(report["fc1"], first, f"preset {preset}")
+    for name in ("block.0", "block.2", "fc2"):
+        _assert_entry(report[name], linear, f"preset {preset}")
+
+
+def test_epsilon_preset_is_the_defaults():
+    plain = LRP(_seeded(PresetNet)).rule_report()
+    preset = LRP(_seeded(PresetNet), preset="epsilon").rule_report()
+    assert [(e.qualname, e.rule_name, e.source) for e in plain] == [(e.qualname, e.rule_name, e.source) for e in preset]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
+def test_preset_conserves_relevance_on_bias_free_network(preset):
+    model = _seeded(lambda: PresetNet(bias=False))
+    with torch.no_grad():  # outputs of order one, so that epsilon=1e-6 absorbs little
+        for parameter in model.parameters():
+            parameter.mul_(4.0)
+    x = _inputs(2, 3, 6, 6).clamp(-3, 3)
+    target = 1
+    relevance = LRP(model, preset=preset).attribute(x, target=target)
+    with torch.no_grad():
+        out = model(x)[:, target]
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), out, rtol=1e-4, atol=1e-8)
