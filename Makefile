@@ -1,27 +1,38 @@
+# `make demo` and `make test` create .venv on first use and reuse it afterwards.
 SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
 VENV := .venv
 PYTHON := $(VENV)/bin/python
+# -qq: errors only (the local package index prints many harmless warnings).
+PIP := $(PYTHON) -m pip install -qq
+# This pair lies on the machine's disk; other torch/torchvision pairs do not import together here.
+TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
 
 .PHONY: demo test bench venv clean
 
 demo: $(STAMP)
 	$(PYTHON) -m captum_graph demo
 
+# Two workers (the machine has two cores); loadfile keeps a module's tests, and its fixtures, on one worker.
 test: $(STAMP)
-	$(PYTHON) -m pytest -n 2 --dist loadfile
+	$(PYTHON) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/run.py
 
 venv: $(STAMP)
 
-# torch and torchvision first, pinned: this pair is on the machine's disk and imports together.
-$(STAMP): setup.cfg setup.py
-	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install -q -e '.[test,demo]'
-	touch $(STAMP)
+# Reinstalls only when the packaging files change. torch goes in first and stays pinned
+# in the second step, so no dependency can move it to a pair that fails to import.
+$(STAMP): setup.cfg setup.py Makefile
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	@echo "Installing into $(VENV) (the first time takes a few minutes)..."
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[test,demo]' $(TORCH)
+	@touch $@
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
