@@ -131,7 +131,9 @@ class ModelArchitecture:
         self.graph = graph
         self.root: fx.GraphModule = graph.owning_module
         self.model = model if model is not None else self.root
+        self.example_inputs: Optional[Tuple[torch.Tensor, ...]] = None
         self._infos: Dict[fx.Node, NodeInfo] = {}
+        self._names: Tuple[int, Dict[str, fx.Node]] = (-1, {})
 
     @classmethod
     def from_model(cls, model: nn.Module, example_inputs: Optional[Sequence[torch.Tensor]] = None, **trace_kwargs: Any) -> "ModelArchitecture":
@@ -218,9 +220,8 @@ class ModelArchitecture:
         patch tokens reach the output (see ``_last_patch_token_node``).
         """
         self._ensure_shapes()
-        chain = [node for node in cut_nodes(self.graph) if _is_feature_map(node)]
-        while chain and _is_pooling(chain[-1]) and chain[-1].args and chain[-1].args[0] in chain:
-            chain.pop()  # adaptive pooling to a fixed grid is part of the head
+        # adaptive pooling to a fixed grid is part of the head, never the target
+        chain = [node for node in cut_nodes(self.graph) if _is_feature_map(node) and not _is_pooling(node)]
         for node in reversed(chain):
             if self._module_producing(self._info(node)) is not None:
                 return self._info(node)
@@ -250,7 +251,7 @@ class ModelArchitecture:
         """
         from .shapes import default_example_inputs, token_gradients
 
-        example = default_example_inputs(self.root, self.model)
+        example = self.example_inputs or default_example_inputs(self.root, self.model)
         if example is None:
             return None
         reaching = token_gradients(self.root, example)
@@ -264,6 +265,7 @@ class ModelArchitecture:
         """Record each node's output shape by running ``example_inputs`` once."""
         from .shapes import propagate_shapes
 
+        self.example_inputs = tuple(example_inputs)
         propagate_shapes(self.root, example_inputs)
 
     def _ensure_shapes(self) -> None:
@@ -296,9 +298,13 @@ class ModelArchitecture:
         return owner if last and last[-1] is info._node else None
 
     def _lookup(self) -> Dict[str, fx.Node]:
-        table = {node.meta["qualname"]: node for node in self.graph.nodes if "qualname" in node.meta}
-        table.update({node.name: node for node in self.graph.nodes})
-        return table
+        """Names to nodes, rebuilt only when the graph's size changes (a rewrite)."""
+        size = len(self.graph.nodes)
+        if self._names[0] != size:
+            table = {node.meta["qualname"]: node for node in self.graph.nodes if "qualname" in node.meta}
+            table.update({node.name: node for node in self.graph.nodes})
+            self._names = (size, table)
+        return self._names[1]
 
     def _info(self, node: fx.Node) -> NodeInfo:
         info = self._infos.get(node)

@@ -285,6 +285,8 @@ def _explainers(model: nn.Module, methods: Sequence[str], preset: Optional[str],
 
 
 def _attribute(method: str, explainer: Any, inputs: Tensor, targets: Tensor) -> Tensor:
+    # Inputs that already require gradients spare Captum's "did not already require gradients" warning.
+    inputs = inputs.detach().requires_grad_()
     if method == "gradcam":
         return explainer.attribute(inputs, target=targets, relu_attributions=True).detach()
     return explainer.attribute(inputs, target=targets).detach()

@@ -23,11 +23,12 @@ The pieces are importable, so the tutorials share the model::
     >>> model = train_digits_model(data, epochs=4, seed=0)  # eval mode
 """
 import argparse
+import contextlib
 import csv
 import os
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,10 @@ __all__ = [
     "pick_examples",
     "explainers",
     "conservation_table",
+    "captum_lrp",
+    "without_additive_constants",
+    "exact_conservation_check",
+    "single_thread",
     "pixel_flipping",
     "random_pixel_flipping",
     "aopc",
@@ -88,7 +93,8 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
-        return x * torch.sigmoid(scale)[:, :, None, None]
+        # sigmoid last, right before the product: captum_graph recognises ``x * sigmoid(s)`` as a gate
+        return x * torch.sigmoid(scale[:, :, None, None])
 
 
 class DigitsNet(nn.Module):
@@ -150,6 +156,24 @@ def load_digits_data(seed: int = 0, test_fraction: float = 0.25) -> DigitsData:
     return DigitsData(images[list(train)], labels[list(train)], images[list(test)], labels[list(test)])
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block, restoring the previous count after.
+
+    The demo's tensors are tiny (a batch of 32 8x8 maps): splitting such
+    kernels across threads costs more than it saves, and on a busy machine
+    waiting threads make a step several times slower (measured: 24 ms per
+    training step on one thread against 130-900 ms on two, 2-core machine
+    under load).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     """Fraction of ``images`` classified correctly (the model's mode is left as it is)."""
@@ -187,7 +211,10 @@ def train_digits_model(
     batches = -(-len(data.train_labels) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * batches))
     bar = _progress_bar(epochs * batches) if progress else None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(single_thread())
+        if bar is not None:
+            cleanup.callback(bar.close)
         for epoch in range(epochs):
             model.train()
             permutation = torch.randperm(len(data.train_labels), generator=order)
@@ -208,9 +235,6 @@ def train_digits_model(
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}", test_acc=f"{test_accuracy:.1%}")
             elif progress:
                 print(f"  epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  test accuracy {test_accuracy:.1%}", flush=True)
-    finally:
-        if bar is not None:
-            bar.close()
     return model.eval()
 
 
@@ -231,27 +255,33 @@ Explainer = Callable[[Tensor, Tensor], Tensor]
 def explainers(model: nn.Module, preset: str = DEMO_PRESET) -> Dict[str, Tuple[str, Explainer]]:
     """The demo's methods: ``{key: (label, explain(images, targets) -> (N, 1, H, W))}``.
 
-    ``lrp_epsilon`` (captum_graph LRP, Captum's default rules),
-    ``lrp_<preset>``, ``gradcam`` (captum_graph's automatic layer, upsampled
-    to the input) and ``input_x_gradient`` (Captum's).
+    ``lrp_epsilon`` (captum_graph LRP with Captum's default rules),
+    ``lrp_<preset>`` (the preset, batch norms folded into the convolutions
+    before them, as zennit's canonizers do), ``gradcam`` (captum_graph's
+    automatic layer, upsampled to the input) and ``input_x_gradient``
+    (Captum's).
     """
     from captum.attr import InputXGradient
 
     from .attr import LRP, LayerGradCam
     from .viz import upsample
 
-    lrp, lrp_preset = LRP(model), LRP(model, preset=preset)
+    lrp, lrp_preset = LRP(model), LRP(model, preset=preset, fold_batch_norm=True)
     cam, ixg = LayerGradCam(model), InputXGradient(model)
 
     def gradcam(images: Tensor, targets: Tensor) -> Tensor:
         maps = cam.attribute(images, target=targets, relu_attributions=True).detach()
         return torch.stack([upsample(m, images.shape[-2:]) for m in maps]).to(images.dtype)
 
+    def gradient_based(method) -> Explainer:
+        # Inputs that already require gradients spare Captum's "did not already require gradients" warning.
+        return lambda images, targets: method.attribute(images.detach().requires_grad_(), target=targets).detach()
+
     return {
-        "lrp_epsilon": ("LRP ε (Captum's rules)", lambda x, t: lrp.attribute(x, target=t).detach()),
-        f"lrp_{preset.replace('-', '_')}": (f"LRP {preset}", lambda x, t: lrp_preset.attribute(x, target=t).detach()),
+        "lrp_epsilon": ("LRP ε (Captum's rules)", gradient_based(lrp)),
+        f"lrp_{preset.replace('-', '_')}": (f"LRP {preset} (BN folded)", gradient_based(lrp_preset)),
         "gradcam": (f"Grad-CAM ({cam.layer_name})", gradcam),
-        "input_x_gradient": ("Input × Gradient", lambda x, t: ixg.attribute(x, target=t).detach()),
+        "input_x_gradient": ("Input × Gradient", gradient_based(ixg)),
     }
 
 
@@ -274,8 +304,7 @@ def conservation_table(
 
     Grad-CAM is left out: it is not meant to sum to anything.
     """
-    with torch.no_grad():
-        logits = model(images).gather(1, targets[:, None]).squeeze(1)
+    logits = _target_logits(model, images, targets)
     rows = []
     for i in range(len(images)):
         row: Dict[str, float] = {"example": i, "true": int(labels[i]), "predicted": int(targets[i]), "logit": logits[i].item()}
@@ -285,40 +314,101 @@ def conservation_table(
 
 
 @torch.no_grad()
-def pixel_flipping(model: nn.Module, images: Tensor, targets: Tensor, ranking: Tensor, baseline: float = 0.0) -> Tensor:
+def _target_logits(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    return model(images).gather(1, targets[:, None]).squeeze(1)
+
+
+def captum_lrp(model: nn.Module, images: Tensor, targets: Tensor) -> Optional[Tensor]:
+    """Plain ``captum.attr.LRP`` on a copy of ``model`` (``None`` if Captum refuses the model).
+
+    The copy keeps the ``rule`` attributes Captum attaches to modules away
+    from the model the other methods explain.
+    """
+    import copy
+
+    from captum.attr import LRP as CaptumLRP
+
+    try:
+        return CaptumLRP(copy.deepcopy(model)).attribute(images.detach().requires_grad_(), target=targets).detach()
+    except (TypeError, RuntimeError):
+        return None
+
+
+def without_additive_constants(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every bias and batch-norm running mean set to zero.
+
+    On such a model LRP's relevance sums exactly to the explained logit
+    (DESIGN.md section 3, the conservation oracle).
+    """
+    import copy
+
+    bias_free = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, tensor in list(bias_free.named_parameters()) + list(bias_free.named_buffers()):
+            if name.rsplit(".", 1)[-1] in ("bias", "running_mean"):
+                tensor.zero_()
+    return bias_free.eval()
+
+
+def exact_conservation_check(model: nn.Module, images: Tensor, targets: Tensor) -> Dict[str, float]:
+    """Largest ``|sum of relevance - logit| / |logit|`` on the model without additive constants.
+
+    For captum_graph's LRP (Captum's epsilon rules) and, where it runs, Captum's own LRP.
+    """
+    from .attr import LRP
+
+    bias_free = without_additive_constants(model)
+    logits = _target_logits(bias_free, images, targets)
+    sums = {"captum_graph": LRP(bias_free).attribute(images.detach().requires_grad_(), target=targets).detach()}
+    theirs = captum_lrp(bias_free, images, targets)
+    if theirs is not None:
+        sums["captum"] = theirs
+    scale = logits.abs().clamp(min=1e-12)
+    return {key: ((r.flatten(1).sum(1) - logits).abs() / scale).max().item() for key, r in sums.items()}
+
+
+@torch.no_grad()
+def pixel_flipping(
+    model: nn.Module, images: Tensor, targets: Tensor, ranking: Tensor, step: int = 4, baseline: float = 0.0
+) -> Tensor:
     """Deletion curve: the target logit as pixels are set to ``baseline``, highest ``ranking`` first.
 
-    Channels are summed for the ranking and deleted together.
+    ``step`` pixels are deleted between two points of the curve; channels are
+    summed for the ranking and deleted together. Ties keep the pixel order.
 
     Args:
         model: the classifier (its mode is left as it is).
         images: ``(N, C, H, W)``.
         targets: ``(N,)`` the classes whose logits are tracked.
         ranking: ``(N, C, H, W)`` or ``(N, 1, H, W)``, e.g. an attribution.
+        step: pixels deleted per point.
+        baseline: the value a deleted pixel gets (0: the digits' background).
 
     Returns:
-        ``(N, H*W + 1)``: the logit after deleting 0, 1, ..., H*W pixels.
+        ``(N, K + 1)``: the logit after deleting 0, step, 2 step, ..., all pixels.
     """
     n, channels, height, width = images.shape
     pixels = height * width
+    counts = torch.arange(0, pixels + step, step).clamp(max=pixels)
     order = ranking.sum(1).reshape(n, pixels).sort(dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(pixels).expand(n, pixels))
-    deleted = rank[:, None, :] < torch.arange(pixels + 1)[None, :, None]  # (N, steps, pixels)
+    deleted = rank[:, None, :] < counts[None, :, None]  # (N, points, pixels)
     flat = images.reshape(n, 1, channels, pixels)
     perturbed = torch.where(deleted[:, :, None, :], torch.full_like(flat, baseline), flat)
-    batch = perturbed.reshape(n * (pixels + 1), channels, height, width)
-    logits = torch.cat([model(chunk) for chunk in batch.split(4096)])
-    return logits.reshape(n, pixels + 1, -1).gather(2, targets[:, None, None].expand(n, pixels + 1, 1)).squeeze(2)
+    batch = perturbed.reshape(n * len(counts), channels, height, width)
+    logits = torch.cat([model(chunk) for chunk in batch.split(1024)])
+    points = len(counts)
+    return logits.reshape(n, points, -1).gather(2, targets[:, None, None].expand(n, points, 1)).squeeze(2)
 
 
 def random_pixel_flipping(
-    model: nn.Module, images: Tensor, targets: Tensor, repeats: int = 10, seed: int = 0, baseline: float = 0.0
+    model: nn.Module, images: Tensor, targets: Tensor, repeats: int = 4, seed: int = 0, step: int = 4, baseline: float = 0.0
 ) -> Tensor:
     """:func:`pixel_flipping` in random order, averaged over ``repeats`` orders: the baseline."""
     generator = torch.Generator().manual_seed(seed)
     n, _, height, width = images.shape
     curves = [
-        pixel_flipping(model, images, targets, torch.rand(n, 1, height, width, generator=generator), baseline)
+        pixel_flipping(model, images, targets, torch.rand(n, 1, height, width, generator=generator), step, baseline)
         for _ in range(repeats)
     ]
     return torch.stack(curves).mean(0)
@@ -349,8 +439,10 @@ def _explanation_figure(
     for row, (key, attribution) in enumerate(maps.items(), start=1):
         for j in range(columns):
             ax = axes[row * columns + j]
-            kind = "gradcam" if key == "gradcam" else "relevance"
-            viz.attribution_map(kind, attribution[j], images[j], ax)
+            if key == "gradcam":
+                viz.gradcam_overlay(attribution[j], images[j], ax)
+            else:
+                viz.relevance_map(attribution[j], ax)
         axes[row * columns].set_ylabel(labels_of[key].replace(" (", "\n("), fontsize="small")
     axes[0].set_ylabel("input", fontsize="small")
     figure.suptitle(
@@ -385,15 +477,17 @@ def _write_csv(path: str, rows: Sequence[Dict[str, object]]) -> None:
 
 
 def _print_conservation(rows: List[Dict[str, float]], keys: Sequence[str]) -> None:
-    header = f"  {'#':>2} {'true':>4} {'pred':>4} {'logit':>8}" + "".join(f" {k:>22}" for k in keys)
-    print(header)
+    widths = [max(len(k), 10) for k in keys]
+    print(f"  {'#':>3} {'true':>4} {'pred':>4} {'logit':>8}" + "".join(f" {k:>{w}}" for k, w in zip(keys, widths)))
     for row in rows:
         print(
-            f"  {row['example']:>2} {row['true']:>4} {row['predicted']:>4} {row['logit']:>8.3f}"
-            + "".join(f" {row[k]:>22.3f}" for k in keys)
+            f"  {row['example']:>3} {row['true']:>4} {row['predicted']:>4} {row['logit']:>8.3f}"
+            + "".join(f" {row[k]:>{w}.3f}" for k, w in zip(keys, widths))
         )
-    gaps = {k: sum(abs(r[k] - r["logit"]) for r in rows) / sum(abs(r["logit"]) for r in rows) for k in keys}
-    print("  mean |sum - logit| / |logit|: " + ", ".join(f"{k} {g:.1%}" for k, g in gaps.items()))
+    total = sum(abs(r["logit"]) for r in rows)
+    gaps = [sum(abs(r[k] - r["logit"]) for r in rows) / total for k in keys]
+    print(f"  {'relative gap *':>22}" + "".join(f" {g:>{w}.1%}" for g, w in zip(gaps, widths)))
+    print("  * sum over examples of |sum of relevance - logit|, divided by the sum of |logit|")
 
 
 # ---------------------------------------------------------------------------
@@ -421,7 +515,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     require_matplotlib()  # fail before training, not after
     os.makedirs(out, exist_ok=True)
+    with single_thread():
+        return _run_demo(out, seed, fast, preset, epochs, count)
 
+
+def _run_demo(out: str, seed: int, fast: bool, preset: str, epochs: int, count: int) -> int:
     data = load_digits_data(seed)
     print(
         f"Training DigitsNet (residual +, torch.cat, squeeze-excitation gate) on {len(data.train_labels)} "
@@ -450,34 +548,42 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     _explanation_figure(images, labels, targets, maps, labels_of, paths["explanations"])
 
-    rows = conservation_table(model, images, labels, targets, maps)
-    print("\nConservation: the sum of each map against the logit it explains (LRP's sums fall short of the")
-    print("logit by what the biases and batch-norm shifts absorb; with those at zero they match exactly):")
-    _print_conservation(rows, [k for k in maps if k != "gradcam"])
+    theirs = captum_lrp(model, images, targets)
+    summed = dict(maps, **({} if theirs is None else {"captum_lrp": theirs}))
+    rows = conservation_table(model, images, labels, targets, summed)
+    print("\nConservation: the sum of each map against the logit it explains. LRP-epsilon leaves the share of")
+    print("biases and batch-norm shifts out; with batch norms folded, epsilon-plus-flat keeps nearly all of it;")
+    print("plain captum.attr.LRP (captum_lrp) does not see +, torch.cat or the gate:")
+    _print_conservation(rows, [k for k in summed if k != "gradcam"])
     _write_csv(paths["conservation"], rows)
+    exact = exact_conservation_check(model, images, targets)
+    print(
+        "Exact check on a copy with biases and batch-norm means at zero, max |sum - logit| / |logit|: "
+        + ", ".join(f"{key} LRP {value:.1e}" for key, value in exact.items())
+    )
 
     # Pixel flipping on all test digits the model gets right, not only the few drawn.
     with torch.no_grad():
         predicted = model(data.test_images).argmax(1)
-    correct = (predicted == data.test_labels).nonzero().flatten()[: 64 if fast else 256]
+    correct = (predicted == data.test_labels).nonzero().flatten()[: 32 if fast else 128]
     flip_images, flip_targets = data.test_images[correct], predicted[correct]
     curves = {
         key: pixel_flipping(model, flip_images, flip_targets, explain(flip_images, flip_targets))
         for key, (_, explain) in methods.items()
     }
-    curves["random"] = random_pixel_flipping(model, flip_images, flip_targets, repeats=3 if fast else 10, seed=seed)
+    curves["random"] = random_pixel_flipping(model, flip_images, flip_targets, repeats=2 if fast else 4, seed=seed)
     labels_of["random"] = "random order"
     scores = {key: aopc(curve) for key, curve in curves.items()}
-    print(f"\nPixel flipping (deletion to 0, most relevant pixel first) on {len(correct)} correctly classified")
-    print("test digits; AOPC = mean drop of the logit over all steps, higher is more faithful:")
+    print(f"\nPixel flipping: delete pixels (set to 0) 4 at a time, most relevant first, on {len(correct)} correctly")
+    print("classified test digits. AOPC = mean drop of the logit over all steps; higher is more faithful:")
     for key, score in sorted(scores.items(), key=lambda item: -item[1]):
-        print(f"  {labels_of[key]:<32} AOPC {score:6.3f}")
+        print(f"  {labels_of[key]:<36} AOPC {score:6.3f}")
     _flipping_figure(curves, labels_of, scores, paths["flipping_png"])
     _write_csv(
         paths["flipping_csv"],
         [
-            {"pixels_deleted": step, **{key: round(curve.mean(0)[step].item(), 6) for key, curve in curves.items()}}
-            for step in range(next(iter(curves.values())).shape[1])
+            {"pixels_deleted": min(4 * point, images[0].numel()), **{key: round(curve.mean(0)[point].item(), 6) for key, curve in curves.items()}}
+            for point in range(next(iter(curves.values())).shape[1])
         ]
         + [{"pixels_deleted": "AOPC", **{key: round(score, 6) for key, score in scores.items()}}],
     )

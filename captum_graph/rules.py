@@ -171,6 +171,9 @@ class UniformSplitRule(ExplicitRule):
     other factor then gets all of it.
     """
 
+    def __init__(self, epsilon: float = 1e-9) -> None:
+        super().__init__(epsilon)
+
     def relevance(self, module, inputs, relevance):
         signals = [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
         with torch.enable_grad():

@@ -113,6 +113,12 @@ class QualnameTracer(fx.Tracer):
         self.module_path_stack = []
         self._used_qualnames: Dict[str, int] = {}
 
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        graph = super().trace(root, concrete_args)
+        for node in graph.find_nodes(op="output"):
+            node.meta.setdefault("qualname", node.name)
+        return graph
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
@@ -143,11 +149,14 @@ class QualnameTracer(fx.Tracer):
     def _qualname(self, node: fx.Node) -> str:
         if node.op in ("call_module", "get_attr"):
             return str(node.target)
-        if node.op in ("placeholder", "output"):
-            return node.name
-        base = node.target if node.op == "call_method" else _PLAIN_NAMES.get(node.target) or getattr(node.target, "__name__", None)
+        if node.op in ("placeholder", "output") or not self._module_path:
+            return node.name  # top level: fx's own name, unique in the graph
+        if node.op == "call_method":  # x.add_(y) reads as 'add', like x.add(y)
+            base = node.target[:-1] if node.target.endswith("_") and not node.target.startswith("_") else node.target
+        else:
+            base = _PLAIN_NAMES.get(node.target) or getattr(node.target, "__name__", None)
         base = base or re.sub(r"_\d+$", "", node.name)
-        return f"{self._module_path}.{base}" if self._module_path else base
+        return f"{self._module_path}.{base}"
 
     def _unique_qualname(self, qualname: str) -> str:
         count = self._used_qualnames.get(qualname, 0)
@@ -219,8 +228,6 @@ def trace(
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as error:
             raise _tracing_error(error, tracer, model) from error
-    for node in graph.find_nodes(op="output"):
-        node.meta.setdefault("qualname", node.name)
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 

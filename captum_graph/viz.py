@@ -1,6 +1,7 @@
 """Pictures of attributions: signed relevance maps and Grad-CAM overlays.
 
-Drawing is delegated to :func:`captum.attr.visualization.visualize_image_attr`
+Drawing is delegated to Captum's ``visualization.visualize_image_attr``
+(``from captum.attr import visualization``)
 (normalisation by an outlier percentile, the colour limits, the blending with
 a greyscale copy of the image); this module only chooses what Captum leaves
 open:
@@ -65,9 +66,9 @@ def require_matplotlib() -> Any:
 def _visualize_image_attr() -> Any:
     require_matplotlib()
     # Captum's module imports pyplot; with no display, matplotlib falls back to Agg by itself.
-    from captum.attr.visualization import visualize_image_attr
+    from captum.attr import visualization
 
-    return visualize_image_attr
+    return visualization.visualize_image_attr
 
 
 def new_figure(rows: int, cols: int, cell_size: float = 2.0, **subplot_kwargs: Any) -> Any:
@@ -213,7 +214,7 @@ def gradcam_overlay(
     """
     height, width = _spatial_size(image)
     upsampled = upsample(cam, (height, width)).clamp(min=0)
-    return _draw(to_hwc(upsampled), ax, _background(image, (height, width)), "positive", cmap, alpha, 0.0, title)
+    return _draw(to_hwc(upsampled), ax, _background(image, (height, width)), "positive", cmap, alpha, 0.01, title)  # ~ scaled to the maximum
 
 
 def upsample(cam: ArrayLike, size: Sequence[int]) -> Tensor:

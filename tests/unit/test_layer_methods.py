@@ -1,0 +1,265 @@
+"""Layer methods on graph nodes: automatic Grad-CAM, token grids, functional targets, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum import attr as captum_attr
+from torch import nn
+
+from captum_graph import ActivationExtractor, LayerResolutionError, ModelArchitecture
+from captum_graph import attr as graph_attr
+from helpers.oracles import assert_untouched as untouched
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")
+
+# family: (builder, pytorch-grad-cam's recommended layer, input size)
+RECOMMENDED = {
+    "resnet18": (lambda: torchvision.models.resnet18(), lambda m: m.layer4[-1], 64),
+    "vgg11": (lambda: torchvision.models.vgg11(), lambda m: m.features[-1], 64),
+    "densenet121": (lambda: torchvision.models.densenet121(), lambda m: m.features[-1], 64),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), lambda m: m.features[-1], 64),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), lambda m: m.features[-1], 64),
+    "convnext_tiny": (lambda: torchvision.models.convnext_tiny(), lambda m: m.features[-1], 64),
+    "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(), lambda m: m.trunk_output, 64),
+    "mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(), lambda m: m.layers[-1], 64),
+}
+
+
+def _redraw_heads(model: nn.Module) -> nn.Module:
+    """Zero-initialised heads make every gradient zero; redraw them so the check means something."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                module.weight.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(RECOMMENDED))
+def test_automatic_gradcam_equals_captum_on_the_recommended_layer(family):
+    build, recommended, size = RECOMMENDED[family]
+    torch.manual_seed(0)
+    model = _redraw_heads(build())
+    x = torch.randn(2, 3, size, size)
+    with untouched(model, x):
+        cam = graph_attr.LayerGradCam(model)
+        ours = cam.attribute(x, target=[1, 2])
+    theirs = captum_attr.LayerGradCam(model, recommended(model)).attribute(x, target=[1, 2])
+    assert ours.shape == theirs.shape, f"{family}: {ours.shape} vs {theirs.shape}"
+    assert theirs.abs().sum() > 0, f"{family}: degenerate reference"
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=lambda m: f"{family} ({cam.layer_name}): {m}")
+    assert cam.layer_name in repr(cam)
+
+
+def _vit_reference(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Grad-CAM by hand on the last block's first LayerNorm, tokens reshaped to their grid."""
+    store = {}
+    norm = model.encoder.layers[-1].ln_1
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        store["tokens"] = output
+
+    handle = norm.register_forward_hook(keep)
+    try:
+        model(x)[:, target].sum().backward()
+    finally:
+        handle.remove()
+    tokens, grads = store["tokens"][:, 1:], store["tokens"].grad[:, 1:]
+    side = int(tokens.shape[1] ** 0.5)
+    weights = grads.mean(1, keepdim=True)
+    cam = (weights * tokens).sum(-1).reshape(x.shape[0], 1, side, -1)
+    return F.relu(cam).detach()
+
+
+def test_vit_gradcam_picks_the_last_attention_input_and_returns_the_token_grid():
+    torch.manual_seed(0)
+    model = _redraw_heads(torchvision.models.vit_b_16(image_size=64))
+    x = torch.randn(2, 3, 64, 64)
+    cam = graph_attr.LayerGradCam(model)
+    assert cam.layer_name == "encoder.layers.encoder_layer_11.ln_1"
+    ours = cam.attribute(x, target=1, relu_attributions=True)
+    assert ours.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(ours, _vit_reference(model, x, 1), rtol=1e-4, atol=1e-6)
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding, class token, one attention block; any input size (no fixed grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        grid = self.embed(x)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), grid.flatten(2).transpose(1, 2)], dim=1)
+        normed = self.norm(tokens)
+        mixed = tokens + self.attn(normed, normed, normed, need_weights=False)[0]
+        return self.head(mixed[:, 0])
+
+
+def test_token_grid_is_inferred_at_run_time_for_non_square_inputs():
+    torch.manual_seed(0)
+    model = _TinyViT().eval()
+    cam = graph_attr.LayerGradCam(model)
+    assert cam.layer_name == "norm"
+    for height, width in [(32, 32), (32, 20)]:
+        x = torch.randn(2, 3, height, width)
+        assert cam.attribute(x, target=0).shape == (2, 1, height // 4, width // 4)
+
+
+def test_swin_gradcam_is_a_spatial_map():
+    torch.manual_seed(0)
+    model = _redraw_heads(torchvision.models.swin_t())
+    x = torch.randn(1, 3, 224, 224)
+    cam = graph_attr.LayerGradCam(model)
+    ours = cam.attribute(x, target=1)
+    assert ours.shape == (1, 1, 7, 7)
+    # the reference: Captum's Grad-CAM on torchvision's own NHWC -> NCHW permute
+    theirs = captum_attr.LayerGradCam(model, model.permute).attribute(x, target=1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+class _Residual(nn.Module):
+    """A functional residual addition, a concatenation and a global mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.side = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = self.side(x)
+        s = a + b
+        c = torch.cat([s, b], dim=1)
+        return self.fc(c.mean((2, 3)))
+
+
+class _ResidualAsModules(nn.Module):
+    """The same network with the functional operations as modules: the reference."""
+
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    class Cat(nn.Module):
+        def forward(self, a, b):
+            return torch.cat([a, b], dim=1)
+
+    class Mean(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    def __init__(self, source: _Residual) -> None:
+        super().__init__()
+        self.conv, self.side, self.fc = source.conv, source.side, source.fc
+        self.add, self.cat, self.mean = self.Add(), self.Cat(), self.Mean()
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = self.side(x)
+        return self.fc(self.mean(self.cat(self.add(a, b), b)))
+
+
+LAYER_METHODS = {
+    "LayerGradCam": dict(),
+    "LayerActivation": dict(),
+    "LayerGradientXActivation": dict(),
+    "LayerIntegratedGradients": dict(n_steps=8),
+    "LayerConductance": dict(n_steps=8),
+    "LayerDeepLift": dict(),
+}
+
+
+@pytest.mark.parametrize("node", ["add", "cat", "mean"])
+@pytest.mark.parametrize("method", sorted(LAYER_METHODS))
+def test_functional_nodes_are_targets_for_every_layer_method(method, node):
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    reference = _ResidualAsModules(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    kwargs = LAYER_METHODS[method]
+    if method == "LayerActivation":
+        call = dict()
+    else:
+        call = dict(target=1, **kwargs)
+    if method == "LayerGradCam" and node == "mean":
+        pytest.skip("Grad-CAM needs a feature map; the mean is a vector")
+    with untouched(model, x):
+        ours = getattr(graph_attr, method)(model, node).attribute(x, **call)
+    theirs = getattr(captum_attr, method)(reference, getattr(reference, node)).attribute(x, **call)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7, msg=lambda m: f"{method} on {node}: {m}")
+
+
+def test_guided_gradcam_on_a_functional_node():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(2, 3, 6, 6)
+    ours = graph_attr.GuidedGradCam(model, "add").attribute(x, target=1)
+    reference = _ResidualAsModules(model).eval()
+    theirs = captum_attr.GuidedGradCam(reference, reference.add).attribute(x, target=1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_resnet_addition_node_by_qualified_and_fx_name():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    by_qualname = graph_attr.LayerActivation(model, "layer4.1.add").attribute(x)
+    by_fx_name = graph_attr.LayerActivation(model, "add_7").attribute(x)
+    torch.testing.assert_close(by_qualname, by_fx_name)
+    assert by_qualname.shape == (1, 512, 2, 2)
+
+
+def test_a_module_called_twice_is_ambiguous_and_lists_the_calls():
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(LayerResolutionError, match=r"called at 2 places.*'layer1_0_relu'.*'layer1.0.relu_1'"):
+        graph_attr.LayerGradCam(model, model.layer1[0].relu)
+    with pytest.raises(LayerResolutionError, match="called at 2 places"):
+        graph_attr.LayerGradCam(model, "layer1.0.relu")
+    # each call by its own name works
+    graph_attr.LayerGradCam(model, "layer1.0.relu_1")
+
+
+def test_unknown_names_suggest_close_ones():
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(LayerResolutionError, match=r"no module or node named 'layer4.1.ad'.*'layer4.1.add'"):
+        graph_attr.LayerGradCam(model, "layer4.1.ad")
+    with pytest.raises(LayerResolutionError, match="not a submodule"):
+        graph_attr.LayerGradCam(model, nn.ReLU())
+
+
+def test_activation_extractor_returns_output_and_activations_in_one_pass():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(2, 3, 6, 6)
+    calls = []
+    handle = model.conv.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with untouched(model):
+            extractor = ActivationExtractor(model, ["conv", "add", model.side])
+            output, activations = extractor(x)
+    finally:
+        handle.remove()
+    assert not calls, "the extractor runs the graph's private copies, not the user's modules"
+    torch.testing.assert_close(output, model(x))
+    torch.testing.assert_close(activations["add"], model.conv(x) + model.side(x))
+    assert set(activations) == {"conv", "add", "side"}
+    with pytest.raises(ValueError, match="more than once: add"):
+        ActivationExtractor(model, ["add", "add"])
+    with pytest.raises(LayerResolutionError, match="Did you mean"):
+        ActivationExtractor(model, ["ad"])
+
+
+def test_branches_of_residual_additions():
+    architecture = ModelArchitecture.from_model(torchvision.models.resnet18())
+    branch, skip = architecture.branches("layer2.0.add")
+    assert [n.qualname for n in branch] == [
+        "layer2.0.conv1", "layer2.0.bn1", "layer2.0.relu", "layer2.0.conv2", "layer2.0.bn2",
+    ]
+    assert [n.qualname for n in skip] == ["layer2.0.downsample.0", "layer2.0.downsample.1"]
+    assert architecture.branches("layer1.0.add")[1] == []  # identity skip
