@@ -2,13 +2,15 @@
 from collections import Counter
 from typing import Any, Dict, List, Optional
 
-from torch import nn
+from captum._utils.typing import TargetType
+from captum.attr._utils.custom_modules import Addition_Module
+from torch import Tensor, nn
 
 from .errors import CaptumGraphError
 from .prepare import prepare
-from .rules import assign_rules
+from .rules import UniformSplitRule, assign_rules
 
-__all__ = ["model_report", "format_report"]
+__all__ = ["model_report", "format_report", "branch_relevance"]
 
 
 def model_report(model: nn.Module, preset: Optional[str] = None) -> Dict[str, Any]:
@@ -38,7 +40,36 @@ def model_report(model: nn.Module, preset: Optional[str] = None) -> Dict[str, An
         ],
         "gradcam_layer": cam.qualname if cam is not None else None,
         "unsupported": [{"node": a.qualname, "problem": a.problem} for a in assignments if a.problem],
+        "warnings": [
+            f"{a.qualname}: a product of two input-dependent tensors with no known role; "
+            "relevance is split in half between them (UniformSplitRule)"
+            for a in assignments
+            if isinstance(a.rule, UniformSplitRule)
+        ],
     }
+
+
+def branch_relevance(model: nn.Module, inputs: Tensor, target: TargetType = None, **lrp_kwargs: Any) -> List[Dict[str, Any]]:
+    """For every addition in the model, how much relevance each of its inputs carries.
+
+    One LRP pass; per addition node a row with the relevance of the output and
+    of each input summed per example (for a residual block: the branch and the
+    skip connection), and the skip's share. ``lrp_kwargs`` go to
+    :class:`captum_graph.attr.LayerLRP` (``rules``, ``preset``).
+    """
+    from .attr import LayerLRP
+
+    gm = prepare(model).graph_module
+    additions = [n.meta["qualname"] for n in gm.graph.find_nodes(op="call_module") if isinstance(gm.get_submodule(n.target), Addition_Module)]
+    if not additions:
+        return []
+    per_input = LayerLRP(model, additions, **lrp_kwargs).attribute(inputs, target=target, attribute_to_layer_input=True)
+    rows = []
+    for name, relevances in zip(additions, per_input):
+        sums = [r.flatten(1).sum(1) for r in (relevances if isinstance(relevances, tuple) else (relevances,))]
+        total = sum(sums)
+        rows.append({"node": name, "inputs": [s.tolist() for s in sums], "share_of_last_input": (sums[-1] / total).tolist()})
+    return rows
 
 
 def format_report(report: Dict[str, Any], max_rules: Optional[int] = None) -> str:
@@ -53,6 +84,8 @@ def format_report(report: Dict[str, Any], max_rules: Optional[int] = None) -> st
     if max_rules is not None and len(report["rules"]) > max_rules:
         lines.append(f"  ... {len(report['rules']) - max_rules} more (use --all)")
     lines.append(f"\nAutomatic Grad-CAM layer: {report['gradcam_layer']}")
+    for warning in report.get("warnings", []):
+        lines.append(f"Warning: {warning}")
     if report["unsupported"]:
         lines.append(f"\nUnsupported operations: {len(report['unsupported'])}")
         lines += ["  " + r["problem"].replace("\n", "\n  ") for r in report["unsupported"]]

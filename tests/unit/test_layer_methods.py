@@ -263,3 +263,14 @@ def test_branches_of_residual_additions():
     ]
     assert [n.qualname for n in skip] == ["layer2.0.downsample.0", "layer2.0.downsample.1"]
     assert architecture.branches("layer1.0.add")[1] == []  # identity skip
+
+
+@pytest.mark.slow
+def test_vit_b_16_at_224_gives_a_14_by_14_map():
+    torch.manual_seed(0)
+    model = _redraw_heads(torchvision.models.vit_b_16())
+    x = torch.randn(1, 3, 224, 224)
+    cam = graph_attr.LayerGradCam(model)
+    ours = cam.attribute(x, target=1, relu_attributions=True)
+    assert ours.shape == (1, 1, 14, 14)
+    torch.testing.assert_close(ours, _vit_reference(model, x, 1), rtol=1e-4, atol=1e-6)
