@@ -1,0 +1,105 @@
+"""The README's coverage matrix: conservation and cost of LRP on every torchvision family.
+
+For each family (random weights made meaningful as in the tests, float64,
+every additive constant zeroed, epsilon 1e-15) prints the largest relative
+conservation error over the examples and the time of captum_graph LRP divided
+by the time of captum's InputXGradient on the same input. Run:
+
+    .venv/bin/python benchmarks/coverage.py            # markdown table on stdout
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torchvision
+from captum.attr import InputXGradient
+from captum.attr._utils.lrp_rules import EpsilonRule
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from helpers.oracles import make_meaningful, zero_additive_constants  # noqa: E402
+
+from captum_graph.attr import LRP  # noqa: E402
+from captum_graph.rules import EPSILON_TYPES  # noqa: E402
+
+# name: (input size, constructor keyword arguments)
+FAMILIES = {
+    "alexnet": (64, {}),
+    "vgg11_bn": (32, {}),
+    "resnet18": (32, {}),
+    "resnet50": (32, {}),
+    "resnext50_32x4d": (32, {}),
+    "wide_resnet50_2": (32, {}),
+    "densenet121": (32, {}),
+    "googlenet": (32, {"aux_logits": False, "transform_input": False, "init_weights": True}),
+    "inception_v3": (75, {"aux_logits": False, "transform_input": False, "init_weights": True}),
+    "squeezenet1_1": (48, {}),
+    "shufflenet_v2_x0_5": (32, {}),
+    "mobilenet_v2": (32, {}),
+    "mobilenet_v3_small": (32, {}),
+    "mnasnet0_5": (32, {}),
+    "efficientnet_b0": (32, {}),
+    "efficientnet_v2_s": (32, {}),
+    "regnet_x_400mf": (32, {}),
+    "regnet_y_400mf": (32, {}),
+    "convnext_tiny": (32, {}),
+    "vit_b_16": (32, {"image_size": 32}),
+    "swin_t": (64, {}),
+    "swin_v2_t": (64, {}),
+    "maxvit_t": (224, {}),
+}
+
+
+def _median_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, repeats: int):
+    size, kwargs = FAMILIES[name]
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, **kwargs)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    zero_additive_constants(make_meaningful(model, x))
+    targets = [3, 7]
+    lrp = LRP(model, rules={EPSILON_TYPES: EpsilonRule(1e-15)})
+    relevance = lrp.attribute(x, target=targets)
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), targets]
+    error = ((relevance.flatten(1).sum(1) - logits).abs() / logits.abs()).max().item()
+    ixg = InputXGradient(model)
+    ratio = _median_seconds(lambda: lrp.attribute(x, target=targets), repeats) / _median_seconds(
+        lambda: ixg.attribute(x, target=targets), repeats
+    )
+    return size, error, ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch 2, float64\n")
+    print("| model | input | max conservation error (relative) | LRP time / InputXGradient time |")
+    print("|---|---|---|---|")
+    for name in args.models:
+        try:
+            size, error, ratio = measure(name, args.repeats)
+            print(f"| {name} | {size}x{size} | {error:.1e} | {ratio:.2f} |", flush=True)
+        except Exception as failure:  # a row per model, whatever happens
+            print(f"| {name} | - | failed: {type(failure).__name__}: {str(failure).splitlines()[0][:80]} | - |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
