@@ -50,7 +50,10 @@ def load_model(spec: str, num_classes: Optional[int] = None) -> nn.Module:
 
         if name not in torchvision.models.list_models():
             raise UsageError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
-        return torchvision.models.get_model(name, weights=None, **extra).eval()
+        try:
+            return torchvision.models.get_model(name, weights=None, **extra).eval()
+        except Exception as error:  # e.g. a builder that takes no num_classes
+            raise UsageError(f"could not build torchvision model {name!r}: {type(error).__name__}: {_first_line(error)}") from error
     if kind == "timm":
         try:
             timm = importlib.import_module("timm")
@@ -272,11 +275,12 @@ def _explainers(model: nn.Module, methods: Sequence[str], preset: Optional[str],
     from captum.attr import InputXGradient
 
     from .attr import LRP, LayerGradCam
+    from .rules import raise_for_problems
 
     built: Dict[str, Any] = {}
     if "lrp" in methods:
         built["lrp"] = LRP(model, preset=preset)
-        built["lrp"].rule_report()  # an unsupported operation fails here, before any image is processed
+        raise_for_problems(built["lrp"].rule_report())  # an unsupported operation stops us before any image
     if "gradcam" in methods:
         built["gradcam"] = LayerGradCam(model, layer)
     if "ixg" in methods:
@@ -309,8 +313,8 @@ def _explain(args: argparse.Namespace) -> int:
     requested = _target(args.target)
     if args.size < 8:
         raise UsageError(f"--size must be at least 8, got {args.size}")
-    if len(args.mean) != len(args.std) or any(s <= 0 for s in args.std):
-        raise UsageError("--mean and --std need the same number of values, and --std values must be positive")
+    if len(args.mean) not in (1, 3) or len(args.std) not in (1, 3) or any(s <= 0 for s in args.std):
+        raise UsageError("--mean and --std take 1 or 3 values (images are read as RGB), and --std values must be positive")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     viz.require_matplotlib()
@@ -330,10 +334,16 @@ def _explain(args: argparse.Namespace) -> int:
         for batch in batches:
             pairs = [_preprocess(args.image[i], args.size, args.mean, args.std) for i in batch]
             inputs = torch.stack([p[0] for p in pairs])
-            with torch.no_grad():
-                outputs = model(inputs)
-            if outputs.dim() != 2:
-                raise UsageError(f"the model's output has shape {tuple(outputs.shape)}; explain needs (batch, classes)")
+            try:
+                with torch.no_grad():
+                    outputs = model(inputs)
+            except Exception as error:  # e.g. a model that needs another input size
+                raise UsageError(
+                    f"the model failed on {args.size}x{args.size} images (see --size): {type(error).__name__}: {_first_line(error)}"
+                ) from error
+            if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+                shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+                raise UsageError(f"the model's output is {shape}; explain needs a (batch, classes) tensor")
             classes = outputs.shape[1]
             if requested is not None and not 0 <= requested < classes:
                 raise UsageError(f"target {requested} is out of range: the model has {classes} outputs (0..{classes - 1})")
@@ -349,7 +359,8 @@ def _explain(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     target_text = "the predicted class" if requested is None else f"class {requested}"
-    print(f"Wrote {len(written)} heatmap overlays ({', '.join(methods)}; {target_text}) to {out}/")
+    noun = "overlay" if len(written) == 1 else "overlays"
+    print(f"Wrote {len(written)} heatmap {noun} ({', '.join(methods)}; {target_text}) to {out}/")
     for path in written:
         print(f"  {path}")
     return 0
@@ -388,7 +399,7 @@ def _floats(count_hint: str) -> Any:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors that point to ``--help``."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -431,25 +442,27 @@ def _parser() -> argparse.ArgumentParser:
         "explain",
         help="write heatmap overlays of images explained by LRP, Grad-CAM or InputXGradient",
         description="Load images, preprocess them (resize the short side, centre-crop, normalise), run the model and "
-        "write one PNG per image and method: the image next to the heatmap laid over it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "write one PNG per image and method, IMAGE_METHOD.png: the image next to the heatmap laid over it.",
     )
-    explain.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (torchvision/timm: no pretrained weights)")
-    explain.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH", help="image files (repeatable)")
-    explain.add_argument(
-        "--method", action="append", metavar="METHOD",
-        help="lrp, gradcam or ixg; repeat it or give a comma list (default: lrp)",
-    )
+    explain.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (torchvision and timm models are built without weights)")
     explain.add_argument("--weights", metavar="FILE", help="state_dict to load (torch.load with weights_only=True)")
-    explain.add_argument("--num-classes", type=int, default=None, metavar="N", help="build the model with N outputs (to fit --weights)")
-    explain.add_argument("--preset", default=None, help="LRP rule preset: epsilon, epsilon-plus-flat, epsilon-gamma-box")
-    explain.add_argument("--layer", default=None, help="Grad-CAM layer: a module or graph node name (default: chosen automatically)")
-    explain.add_argument("--target", default="auto", help="class to explain: 'auto' (the predicted class) or an index")
-    explain.add_argument("--size", type=int, default=224, help="input size: short side resized, then centre-cropped square")
-    explain.add_argument("--mean", type=_floats("--mean"), nargs="+", default=list(IMAGENET_MEAN), metavar="M", help="normalisation mean per channel (ImageNet)")
-    explain.add_argument("--std", type=_floats("--std"), nargs="+", default=list(IMAGENET_STD), metavar="S", help="normalisation std per channel (ImageNet)")
-    explain.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass")
-    explain.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    explain.add_argument("--num-classes", type=int, default=None, metavar="N", help="build the model with N outputs, to fit --weights")
+    what = explain.add_argument_group("what to explain")
+    what.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH", help="image files (repeatable)")
+    what.add_argument(
+        "--method", action="append", metavar="METHOD",
+        help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp)",
+    )
+    what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
+    what.add_argument("--preset", default=None, help="LRP rule preset: epsilon (default), epsilon-plus-flat, epsilon-gamma-box")
+    what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
+    pre = explain.add_argument_group("preprocessing")
+    pre.add_argument("--size", type=int, default=224, help="resize the short side to SIZE, then centre-crop SIZE x SIZE (default: 224)")
+    pre.add_argument("--mean", type=_floats("--mean"), nargs="+", default=list(IMAGENET_MEAN), metavar="M", help="normalisation mean per channel (default: ImageNet's, 0.485 0.456 0.406)")
+    pre.add_argument("--std", type=_floats("--std"), nargs="+", default=list(IMAGENET_STD), metavar="S", help="normalisation std per channel (default: ImageNet's, 0.229 0.224 0.225)")
+    pre.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default: 8)")
+    output = explain.add_argument_group("output")
+    output.add_argument("--out", required=True, metavar="DIR", help="output directory, created if needed")
     explain.set_defaults(run=_explain)
     return parser
 
@@ -459,6 +472,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # e.g. `captum-graph inspect ... | head`: stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (UsageError, CaptumGraphError, OSError, ValueError, ImportError) as error:
         print(f"captum-graph: error: {_first_line(error)}", file=sys.stderr)
         return 2

@@ -198,7 +198,7 @@ def train_digits_model(
         epochs: passes over the training set.
         seed: seeds the weights and the batch order.
         batch_size, learning_rate: Adam's.
-        progress: show a progress bar (tqdm if installed, else a line per epoch).
+        progress: show a progress bar (tqdm on a terminal, else a line per epoch).
 
     Returns:
         The trained model, in eval mode.
@@ -218,6 +218,7 @@ def train_digits_model(
         for epoch in range(epochs):
             model.train()
             permutation = torch.randperm(len(data.train_labels), generator=order)
+            seen, total_loss = 0, 0.0
             for start in range(0, len(permutation), batch_size):
                 batch = permutation[start : start + batch_size]
                 if len(batch) < 2:  # batch norm needs two samples
@@ -227,21 +228,26 @@ def train_digits_model(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                seen, total_loss = seen + len(batch), total_loss + loss.item() * len(batch)
                 if bar is not None:
                     bar.update(1)
             model.eval()
             test_accuracy = accuracy(model, data.test_images, data.test_labels)
+            mean_loss = total_loss / max(seen, 1)
             if bar is not None:
-                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.3f}", test_acc=f"{test_accuracy:.1%}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{mean_loss:.3f}", test_acc=f"{test_accuracy:.1%}")
             elif progress:
-                print(f"  epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  test accuracy {test_accuracy:.1%}", flush=True)
+                print(f"  epoch {epoch + 1}/{epochs}  loss {mean_loss:.3f}  test accuracy {test_accuracy:.1%}", flush=True)
     return model.eval()
 
 
 def _progress_bar(total: int):
+    """A tqdm bar on a terminal; ``None`` (a printed line per epoch) without tqdm or a terminal, e.g. in CI logs."""
     try:
         from tqdm import tqdm
     except ImportError:
+        return None
+    if not sys.stderr.isatty():
         return None
     return tqdm(total=total, desc="training", unit="batch", leave=True, dynamic_ncols=True)
 
@@ -338,7 +344,7 @@ def without_additive_constants(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every bias and batch-norm running mean set to zero.
 
     On such a model LRP's relevance sums exactly to the explained logit
-    (DESIGN.md section 3, the conservation oracle).
+    (the conservation oracle of captum_graph's tests).
     """
     import copy
 
@@ -511,8 +517,11 @@ def run_demo(args: argparse.Namespace) -> int:
     preset = getattr(args, "preset", DEMO_PRESET)
     epochs = getattr(args, "epochs", None) or (FAST_EPOCHS if fast else EPOCHS)
     count = getattr(args, "examples", None) or (FAST_EXAMPLES if fast else EXAMPLES)
+    from .rules import PRESETS
     from .viz import require_matplotlib
 
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     require_matplotlib()  # fail before training, not after
     os.makedirs(out, exist_ok=True)
     with single_thread():
@@ -557,10 +566,8 @@ def _run_demo(out: str, seed: int, fast: bool, preset: str, epochs: int, count: 
     _print_conservation(rows, [k for k in summed if k != "gradcam"])
     _write_csv(paths["conservation"], rows)
     exact = exact_conservation_check(model, images, targets)
-    print(
-        "Exact check on a copy with biases and batch-norm means at zero, max |sum - logit| / |logit|: "
-        + ", ".join(f"{key} LRP {value:.1e}" for key, value in exact.items())
-    )
+    print("Exact check on a copy with biases and batch-norm means at zero, max |sum - logit| / |logit|:")
+    print("  " + "; ".join(f"{key} LRP {value:.1e}" for key, value in exact.items()))
 
     # Pixel flipping on all test digits the model gets right, not only the few drawn.
     with torch.no_grad():
