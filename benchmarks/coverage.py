@@ -2,14 +2,17 @@
 
 For each family (random weights made meaningful as in the tests, float64,
 every additive constant zeroed, epsilon 1e-15) prints the largest relative
-conservation error over the examples and the time of captum_graph LRP divided
-by the time of captum's InputXGradient on the same input. Run:
+conservation error over the examples of captum_graph's LRP, the same figure
+for plain ``captum.attr.LRP`` (its default epsilon 1e-9, or the error it
+raises), and the time of captum_graph's LRP over the time of captum's
+InputXGradient on the same small input (the two measured alternately, median
+of the repeats; ``benchmarks/run.py`` measures speed at full size). Run:
 
     .venv/bin/python benchmarks/coverage.py            # markdown table on stdout
 """
 import argparse
 import os
-import platform
+import copy
 import statistics
 import sys
 import time
@@ -17,6 +20,7 @@ import warnings
 
 import torch
 import torchvision
+from captum.attr import LRP as CaptumLRP
 from captum.attr import InputXGradient
 from captum.attr._utils.lrp_rules import EpsilonRule
 
@@ -54,14 +58,30 @@ FAMILIES = {
 }
 
 
-def _median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _time_ratio(numerator, denominator, repeats: int) -> float:
+    """Median time of ``numerator()`` over that of ``denominator()``, run alternately after a warm-up."""
+    numerator(), denominator()
+    pairs = [(_seconds(numerator), _seconds(denominator)) for _ in range(repeats)]
+    return statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)
+
+
+def _relative_error(relevance, logits) -> float:
+    return ((relevance.flatten(1).sum(1) - logits).abs() / logits.abs()).max().item()
+
+
+def _captum_outcome(model, x, targets, logits) -> str:
+    """Plain Captum LRP on a copy (it leaves rules on the modules): its error, or why it fails."""
+    try:
+        relevance = CaptumLRP(copy.deepcopy(model)).attribute(x, target=targets)
+    except Exception as failure:
+        return f"fails: {type(failure).__name__}"
+    return f"{_relative_error(relevance, logits):.1e}"
 
 
 def measure(name: str, repeats: int):
@@ -75,30 +95,28 @@ def measure(name: str, repeats: int):
     relevance = lrp.attribute(x, target=targets)
     with torch.no_grad():
         logits = model(x)[torch.arange(2), targets]
-    error = ((relevance.flatten(1).sum(1) - logits).abs() / logits.abs()).max().item()
-    ixg = InputXGradient(model)
-    ratio = _median_seconds(lambda: lrp.attribute(x, target=targets), repeats) / _median_seconds(
-        lambda: ixg.attribute(x, target=targets), repeats
+    ratio = _time_ratio(
+        lambda: lrp.attribute(x, target=targets), lambda: InputXGradient(model).attribute(x, target=targets), repeats
     )
-    return size, error, ratio
+    return size, _relative_error(relevance, logits), _captum_outcome(model, x, targets, logits), ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(FAMILIES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch 2, float64\n")
-    print("| model | input | max conservation error (relative) | LRP time / InputXGradient time |")
-    print("|---|---|---|---|")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; batch 2, float64\n")
+    print("| model | input | captum_graph LRP: max relative conservation error | captum.attr.LRP: the same | captum_graph LRP time / InputXGradient time |")
+    print("|---|---|---|---|---|")
     for name in args.models:
         try:
-            size, error, ratio = measure(name, args.repeats)
-            print(f"| {name} | {size}x{size} | {error:.1e} | {ratio:.2f} |", flush=True)
+            size, error, captum, ratio = measure(name, args.repeats)
+            print(f"| {name} | {size}x{size} | {error:.1e} | {captum} | {ratio:.2f} |", flush=True)
         except Exception as failure:  # a row per model, whatever happens
-            print(f"| {name} | - | failed: {type(failure).__name__}: {str(failure).splitlines()[0][:80]} | - |", flush=True)
+            print(f"| {name} | - | failed: {type(failure).__name__}: {str(failure).splitlines()[0][:80]} | - | - |", flush=True)
 
 
 if __name__ == "__main__":

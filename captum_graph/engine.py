@@ -50,7 +50,10 @@ class _DivideByOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
         (z,) = ctx.saved_tensors
-        return grad / stabilize(z, ctx.epsilon), None
+        denominator = stabilize(z, ctx.epsilon)  # a fresh tensor: the quotient can overwrite it
+        if grad.requires_grad:  # a double backward records the division
+            return grad / denominator, None
+        return torch.div(grad, denominator, out=denominator), None
 
 
 class _PassThrough(torch.autograd.Function):

@@ -77,17 +77,20 @@ def _multihead_attention(module: nn.MultiheadAttention, query: Tensor, key: Tens
     """``nn.MultiheadAttention`` with the attention probabilities held constant."""
     if not module._qkv_same_embed_dim or module.bias_k is not None or key_padding_mask is not None:
         raise NotImplementedError("linearised attention supports packed projections without bias_k / masks")
-    if module.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    length, batch, embed = query.shape
-    heads, head_dim = module.num_heads, embed // module.num_heads
     w_q, w_k, w_v = module.in_proj_weight.chunk(3)
     b_q, b_k, b_v = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
+    # Project in the layout the inputs come in: on a transposed view F.linear multiplies
+    # batched copies of the weight (bmm), several times slower than one matrix product.
+    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    if module.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    length, batch, embed = q.shape
+    heads, head_dim = module.num_heads, embed // module.num_heads
 
     def split(t: Tensor) -> Tensor:  # (L, N, E) -> (N*H, L, D)
         return t.reshape(t.shape[0], batch * heads, head_dim).transpose(0, 1)
 
-    q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v))
+    q, k, v = split(q), split(k), split(v)
     scores = q @ k.transpose(1, 2) / math.sqrt(head_dim)
     if attn_mask is not None:
         scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(attn_mask, float("-inf"))

@@ -42,11 +42,13 @@ class _GraphLRPMixin:
 
     def rule_report(self) -> List[RuleAssignment]:
         """Which rule each node gets and why; unsupported nodes have ``problem`` set."""
-        prepared = self.prepared
+        return self._rule_report(self.prepared)
+
+    def _rule_report(self, prepared: PreparedModel) -> List[RuleAssignment]:
         return assign_rules(prepared.graph_module, self.rules, self.preset, prepared.origins)
 
-    def _assignments(self, verbose: bool) -> List[RuleAssignment]:
-        assignments = self.rule_report()
+    def _assignments(self, prepared: PreparedModel, verbose: bool) -> List[RuleAssignment]:
+        assignments = self._rule_report(prepared)
         raise_for_problems(assignments)
         if verbose:
             for a in assignments:
@@ -60,10 +62,13 @@ class _GraphLRPMixin:
         additional_forward_args: Any,
         verbose: bool,
         captures: Sequence[LayerCapture] = (),
+        prepared: Optional[PreparedModel] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """Run forward and backward once; return target outputs and normalised input relevance."""
-        gm = self.prepared.graph_module
-        assignments = self._assignments(verbose)
+        if prepared is None:
+            prepared = self.prepared  # once per call: checking the cache fingerprints the model
+        gm = prepared.graph_module
+        assignments = self._assignments(prepared, verbose)
         gradient_mask = apply_gradient_requirements(inputs)
         try:
             with relevance_hooks(gm, assignments, captures), torch.enable_grad():
@@ -205,7 +210,8 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
         """Relevance at the layer's output (or inputs); see :meth:`captum.attr.LayerLRP.attribute`."""
         self.verbose = verbose
         self.attribute_to_layer_input = attribute_to_layer_input
-        nodes = [resolve_layer(self.model, self.prepared, spec) for spec in self._layer_list()]
+        prepared = self.prepared
+        nodes = [resolve_layer(self.model, prepared, spec) for spec in self._layer_list()]
         captures = [LayerCapture(str(node.target), attribute_to_layer_input) for node in nodes]
         for node in nodes:
             if node.op != "call_module":
@@ -214,7 +220,7 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
                     "module or a functional operation that captum_graph turns into a module"
                 )
         input_tuple = _format_tensor_into_tuples(inputs)
-        output, _ = self._relevance_pass(input_tuple, target, additional_forward_args, verbose, captures)
+        output, _ = self._relevance_pass(input_tuple, target, additional_forward_args, verbose, captures, prepared)
         relevances = [self._layer_relevance(capture, output) for capture in captures]
         result = relevances if isinstance(self.layer, list) else relevances[0]
         if not return_convergence_delta:

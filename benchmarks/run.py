@@ -1,0 +1,550 @@
+"""Speed and memory of captum_graph's LRP and Grad-CAM against Captum, zennit and InputXGradient.
+
+For each model (torchvision, random weights, eval mode, float32, 224x224) and
+batch size, times in this process:
+
+* ``InputXGradient`` (captum), the baseline: one forward and one plain backward;
+* captum_graph ``LRP`` with the default rules, and with ``preset="epsilon-plus-flat"``
+  and ``fold_batch_norm=True`` (the same composite and batch-norm merging as zennit's
+  ``EpsilonPlusFlat`` with its canonizer);
+* vanilla Captum ``LRP`` where it runs (on a copy of the model), with the largest
+  difference from captum_graph's answer: equal on VGG, wrong wherever the forward
+  has functional operations (ResNet's residual additions, DenseNet's
+  concatenations);
+* zennit ``EpsilonPlusFlat`` with the canonizer zennit 0.5 has for the model
+  (optional: ``pip install -e '.[bench]'``);
+* captum_graph ``LayerGradCam(model)`` (layer chosen from the graph) and Captum's
+  ``LayerGradCam`` on the module whose output is that layer.
+
+It prints median seconds and the ratio to InputXGradient, the peak extra memory
+of one call (measured in a fresh subprocess, see benchmarks/README.md) and its
+ratio to InputXGradient's, captum_graph's one-time graph preparation per model,
+and whether 100 repeated LRP calls grow resident memory. Run:
+
+    .venv/bin/python benchmarks/run.py                 # everything (about 15 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick         # smoke run: small inputs, 2 models, about a minute
+    .venv/bin/python benchmarks/run.py --markdown      # tables for README.md
+"""
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torchvision
+
+MODELS = ["resnet50", "vgg16", "densenet121", "efficientnet_b0", "vit_b_16"]
+TARGET = 3
+
+
+class Unavailable(Exception):
+    """A method that does not run on a model; the message is printed instead of a time."""
+
+
+@dataclass
+class Runner:
+    """One method ready to run on one model and input: ``call()`` attributes once."""
+
+    call: Callable[[], torch.Tensor]
+    close: Callable[[], None] = lambda: None
+    compare_with: Optional[str] = None  # the method whose answer this one should equal
+
+
+# ---------------------------------------------------------------------------
+# models and methods
+# ---------------------------------------------------------------------------
+def build_model(name: str, size: int) -> torch.nn.Module:
+    """The torchvision model with random weights, in eval mode.
+
+    Weight matrices that torchvision initialises to zero (ViT's classification head)
+    are drawn at random instead, so that every method has a non-zero answer to compare.
+    """
+    torch.manual_seed(0)
+    kwargs = {"image_size": size} if name.startswith("vit") else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1 and not parameter.any():
+                parameter.normal_(0, 0.02)
+    return model
+
+
+def _input(batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _input_x_gradient(model, x, name):
+    from captum.attr import InputXGradient
+
+    method = InputXGradient(model)
+    return Runner(lambda: method.attribute(x, target=TARGET))
+
+
+def _graph_lrp(model, x, name):
+    from captum_graph.attr import LRP
+
+    method = LRP(model)
+    return Runner(lambda: method.attribute(x, target=TARGET))
+
+
+def _graph_lrp_epsilon_plus_flat(model, x, name):
+    from captum_graph.attr import LRP
+
+    method = LRP(model, preset="epsilon-plus-flat", fold_batch_norm=True)
+    return Runner(lambda: method.attribute(x, target=TARGET))
+
+
+def _captum_lrp(model, x, name):
+    from captum.attr import LRP
+
+    method = LRP(copy.deepcopy(model))  # Captum sets rules and hooks on the model it is given
+    try:
+        method.attribute(x[:1], target=TARGET)  # does it run at all?
+    except Exception as failure:
+        raise Unavailable(f"fails: {type(failure).__name__}: {_first_line(failure)}") from None
+    return Runner(lambda: method.attribute(x, target=TARGET), compare_with="captum_graph LRP")
+
+
+def _zennit_canonizers(name: str) -> list:
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    if name.startswith("resnet"):
+        return [ResNetCanonizer()]
+    if name.startswith("vgg"):
+        return [VGGCanonizer()]
+    if name.startswith("vit"):
+        return []  # no batch norm, and zennit 0.5 has no canonizer for attention
+    return [SequentialMergeBatchNorm()]  # zennit 0.5 has none specific to DenseNet or EfficientNet
+
+
+def _zennit(model, x, name):
+    try:
+        from zennit.attribution import Gradient
+        from zennit.composites import EpsilonPlusFlat
+    except ImportError:
+        raise Unavailable("not installed (pip install -e '.[bench]')") from None
+    attributor = Gradient(copy.deepcopy(model), EpsilonPlusFlat(canonizers=_zennit_canonizers(name)))
+    # The composite and canonizers stay registered between calls (zennit's best case):
+    # only the attribution itself is timed.
+    try:
+        attributor.__enter__()
+    except Exception as failure:  # e.g. a canonizer that misreads the model
+        raise Unavailable(f"fails: {type(failure).__name__}: {_first_line(failure)}") from None
+    with torch.no_grad():
+        logits = model(x[:1])
+    one_hot = torch.zeros(x.shape[0], logits.shape[1])
+    one_hot[:, TARGET] = 1
+
+    def call():
+        return attributor(x, one_hot)[1]
+
+    try:
+        attributor(x[:1], one_hot[:1])  # does it run at all?
+    except Exception as failure:
+        attributor.__exit__(None, None, None)
+        raise Unavailable(f"fails: {type(failure).__name__}: {_first_line(failure)}") from None
+    return Runner(call, close=lambda: attributor.__exit__(None, None, None))
+
+
+def _graph_grad_cam(model, x, name):
+    from captum_graph.attr import LayerGradCam
+
+    method = LayerGradCam(model)
+    return Runner(lambda: method.attribute(x, target=TARGET))
+
+
+def _captum_grad_cam(model, x, name):
+    from captum.attr import LayerGradCam
+
+    layer = captum_layer_for_auto_cam(model)
+    method = LayerGradCam(model, model.get_submodule(layer))
+    return Runner(lambda: method.attribute(x, target=TARGET))
+
+
+def captum_layer_for_auto_cam(model: torch.nn.Module) -> str:
+    """The module of ``model`` whose output is the layer ``LayerGradCam(model)`` chooses."""
+    from captum_graph.attr import LayerGradCam
+    from captum_graph.errors import LayerResolutionError
+    from captum_graph.layers import resolve_layer
+    from captum_graph.modules import TokensToGrid
+    from captum_graph.prepare import prepare
+
+    cam = LayerGradCam(model)
+    if isinstance(cam.layer, TokensToGrid):
+        raise Unavailable(f"n/a: '{cam.layer_name}' is a token layer; Captum has no spatial map there")
+    prepared = prepare(model)
+    node = resolve_layer(model, prepared, cam.layer_name)
+    modules = dict(model.named_modules())
+    parts = cam.layer_name.split(".")
+    for end in range(len(parts), 0, -1):  # the smallest module whose output is the node
+        prefix = ".".join(parts[:end])
+        if prefix in modules:
+            try:
+                if resolve_layer(model, prepared, prefix) is node:
+                    return prefix
+            except LayerResolutionError:
+                continue  # a module called at several places
+    raise Unavailable(f"n/a: no module's output is '{cam.layer_name}'")
+
+
+METHODS: Dict[str, Callable] = {
+    "InputXGradient": _input_x_gradient,
+    "captum_graph LRP": _graph_lrp,
+    "captum_graph LRP epsilon-plus-flat": _graph_lrp_epsilon_plus_flat,
+    "Captum LRP": _captum_lrp,
+    "zennit EpsilonPlusFlat": _zennit,
+    "captum_graph LayerGradCam (auto)": _graph_grad_cam,
+    "Captum LayerGradCam (same layer)": _captum_grad_cam,
+}
+BASELINE = "InputXGradient"
+
+
+def _first_line(failure: Exception) -> str:
+    text = str(failure).strip().splitlines()
+    return text[0][:90] if text else ""
+
+
+# ---------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------
+@dataclass
+class Row:
+    model: str
+    batch: int
+    method: str
+    seconds: Optional[float] = None
+    note: str = ""
+    memory_mb: Optional[float] = None
+    times: List[float] = field(default_factory=list)
+
+
+def time_method(runner: Runner, repeats: int) -> Tuple[List[float], torch.Tensor]:
+    """Seconds of ``repeats`` calls after one warm-up call, and the last answer."""
+    answer = runner.call()
+    times = []
+    for _ in range(repeats):
+        del answer  # not held while the next call runs
+        start = time.perf_counter()
+        answer = runner.call()
+        times.append(time.perf_counter() - start)
+    return times, answer
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def measure_times(name: str, batch: int, size: int, repeats: int, methods: List[str]) -> List[Row]:
+    model = build_model(name, size)
+    x = _input(batch, size)
+    rows, answers = [], {}
+    for method in methods:
+        row = Row(name, batch, method)
+        rows.append(row)
+        try:
+            runner = METHODS[method](model, x, name)
+        except Unavailable as reason:
+            row.note = str(reason)
+            continue
+        except Exception as failure:
+            row.note = f"fails: {type(failure).__name__}: {_first_line(failure)}"
+            continue
+        try:
+            row.times, answer = time_method(runner, repeats)
+            row.seconds = statistics.median(row.times)
+            answers[method] = answer.detach()
+            del answer
+            if runner.compare_with and answers.get(runner.compare_with) is not None:
+                difference = _relative_difference(answers[method], answers[runner.compare_with])
+                same = "same answer" if difference < 1e-3 else "WRONG answer"
+                row.note = f"{same}: max difference {difference:.1e} of max relevance vs {runner.compare_with}"
+        except Exception as failure:
+            row.note = f"fails: {type(failure).__name__}: {_first_line(failure)}"
+        finally:
+            runner.close()
+        print(f"  {name} batch {batch} {method}: {_seconds(row.seconds)} {row.note}", file=sys.stderr, flush=True)
+    return rows
+
+
+def measure_preparation(name: str, size: int, repeats: int) -> dict:
+    """captum_graph's one-time cost: trace and rewrite (cache cleared), and what a cached call pays."""
+    from captum_graph.attr import LRP
+
+    prepare_module = importlib.import_module("captum_graph.prepare")  # the package exports the function
+
+    model = build_model(name, size)
+    x = _input(1, size)
+    colds = []
+    for _ in range(repeats):
+        prepare_module._CACHE.pop(model, None)
+        start = time.perf_counter()
+        prepare_module.prepare(model)
+        colds.append(time.perf_counter() - start)
+    hits = []
+    for _ in range(20):
+        start = time.perf_counter()
+        prepare_module.prepare(model)
+        hits.append(time.perf_counter() - start)
+    prepare_module._CACHE.pop(model, None)
+    lrp = LRP(model)
+    start = time.perf_counter()
+    lrp.attribute(x, target=TARGET)
+    first = time.perf_counter() - start
+    later = statistics.median(time_method(Runner(lambda: lrp.attribute(x, target=TARGET)), repeats)[0])
+    return {
+        "model": name,
+        "prepare_s": statistics.median(colds),
+        "cached_ms": statistics.median(hits) * 1e3,
+        "first_minus_later_s": first - later,
+        "later_s": later,
+    }
+
+
+def _probe_command(kind: str, *args: str) -> List[str]:
+    return [sys.executable, os.path.abspath(__file__), "--probe", kind, *args]
+
+
+def _run_probe(kind: str, *args: str) -> dict:
+    """Run one measurement in a fresh interpreter (see ``probe``); its last line is JSON."""
+    env = dict(os.environ, **_PROBE_MALLOC)
+    done = subprocess.run(_probe_command(kind, *args), env=env, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["probe failed"])[-1][:120]}
+    return json.loads(lines[-1])
+
+
+# glibc: serve every allocation of 64 KiB or more with its own mmap and return it to the
+# system when freed, so that resident memory follows the live tensors (no cached free heap).
+_PROBE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "2"}
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current resident size (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_memory(name: str, batch: int, size: int, method: str) -> dict:
+    """Peak resident memory of one call above the resident memory just before it, in MiB.
+
+    The method is built first (captum_graph prepares its graph there, zennit registers
+    its composite and merges batch norms, Captum LRP and zennit make a first call to
+    see whether they run at all, on a batch of one), then the peak is reset and one
+    call measured.
+    """
+    torch.set_num_threads(_THREADS)
+    model = build_model(name, size)
+    x = _input(batch, size)
+    try:
+        runner = METHODS[method](model, x, name)
+    except Exception as failure:
+        return {"error": f"{type(failure).__name__}: {_first_line(failure)}"}
+    _release_free_memory()
+    before = _status_kib("VmRSS")
+    if not _reset_peak():
+        return {"error": "cannot reset the peak resident size (/proc/self/clear_refs)"}
+    result = runner.call()
+    peak = _status_kib("VmHWM")
+    del result
+    return {"extra_mib": (peak - before) / 1024}
+
+
+def probe_growth(size: int = 64, batch: int = 2) -> dict:
+    """Resident memory and live tensors after 10 and after 100 LRP calls on resnet18."""
+    from captum_graph.attr import LRP
+
+    torch.set_num_threads(_THREADS)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = _input(batch, size)
+    lrp = LRP(model)
+    counts = {}
+    for calls in range(1, 101):
+        lrp.attribute(x, target=TARGET)
+        if calls in (10, 100):
+            _release_free_memory()
+            tensors = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+            counts[calls] = (_status_kib("VmRSS") / 1024, tensors)
+    return {"rss_10": counts[10][0], "rss_100": counts[100][0], "tensors_10": counts[10][1], "tensors_100": counts[100][1]}
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+def _seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    versions = [f"torch {torch.__version__}", f"torchvision {torchvision.__version__}"]
+    for package in ("captum", "zennit"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+    return f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; " + ", ".join(versions)
+
+
+def print_results(rows: List[Row], preparations: List[dict], growth: Optional[dict], markdown: bool, size: int) -> None:
+    baseline = {(r.model, r.batch): r for r in rows if r.method == BASELINE}
+    print(f"Machine: {machine_line()}")
+    print(f"Inputs: {size}x{size}, float32, random weights (weights=None), eval mode; target class {TARGET}.\n")
+    header = ["model", "batch", "method", "median s", "× IxG time", "peak extra MiB", "× IxG memory", "note"]
+    table = []
+    for row in rows:
+        base = baseline.get((row.model, row.batch))
+        ratio = row.seconds / base.seconds if row.seconds and base and base.seconds else None
+        memory_ratio = (
+            row.memory_mb / base.memory_mb if row.memory_mb is not None and base and base.memory_mb else None
+        )
+        table.append([
+            row.model, str(row.batch), row.method, _seconds(row.seconds),
+            "-" if ratio is None else f"{ratio:.2f}",
+            "-" if row.memory_mb is None else f"{row.memory_mb:.0f}",
+            "-" if memory_ratio is None else f"{memory_ratio:.2f}",
+            row.note,
+        ])
+    _print_table(header, table, markdown)
+    if preparations:
+        print("\ncaptum_graph's one-time graph preparation (trace + rewrite) and what later calls pay:\n")
+        header = ["model", "prepare(), cache cleared (s)", "prepare(), cached (ms)", "first LRP call − later call (s)"]
+        _print_table(header, [
+            [p["model"], f"{p['prepare_s']:.3f}", f"{p['cached_ms']:.2f}", f"{p['first_minus_later_s']:.3f}"]
+            for p in preparations
+        ], markdown)
+    if growth:
+        if "error" in growth:
+            print(f"\nMemory growth check failed: {growth['error']}")
+        else:
+            print(
+                f"\nMemory growth (resnet18, batch 2, 64x64, captum_graph LRP): resident "
+                f"{growth['rss_10']:.0f} MiB after 10 calls, {growth['rss_100']:.0f} MiB after 100 "
+                f"({growth['rss_100'] - growth['rss_10']:+.1f} MiB); live tensors "
+                f"{growth['tensors_10']} and {growth['tensors_100']}."
+            )
+
+
+def _print_table(header: List[str], table: List[List[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for cells in table:
+            print("| " + " | ".join(cells) + " |")
+        return
+    widths = [max(len(h), *(len(c[i]) for c in table)) if table else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for cells in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+_THREADS = torch.get_num_threads()
+
+
+def main() -> None:
+    global _THREADS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 8")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls after one warm-up (default: 3 at batch 1, else 2)"
+    )
+    parser.add_argument("--size", type=int, default=None, help="input height and width (default 224)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--memory-batch-sizes", nargs="*", type=int, default=None,
+        help="batch sizes whose memory is measured, one subprocess per method (default: the largest)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: 64x64, resnet50 and vit_b_16, batch 2, memory of the baseline and captum_graph LRP only",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables (for README.md)")
+    parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _THREADS = torch.get_num_threads()
+
+    if args.probe:  # a child process: one measurement, printed as JSON
+        kind, *rest = args.probe
+        if args.threads is None and os.environ.get("CAPTUM_GRAPH_BENCH_THREADS"):
+            _THREADS = int(os.environ["CAPTUM_GRAPH_BENCH_THREADS"])
+        if kind == "memory":
+            name, batch, size, method = rest
+            print(json.dumps(probe_memory(name, int(batch), int(size), method)))
+        else:
+            print(json.dumps(probe_growth()))
+        return
+
+    os.environ["CAPTUM_GRAPH_BENCH_THREADS"] = str(_THREADS)
+    models = args.models or (["resnet50", "vit_b_16"] if args.quick else MODELS)
+    batches = args.batch_sizes or ([2] if args.quick else [1, 8])
+    size = args.size or (64 if args.quick else 224)
+    memory_batches = [] if args.no_memory else (
+        args.memory_batch_sizes if args.memory_batch_sizes is not None else [max(batches)]
+    )
+    memory_methods = [BASELINE, "captum_graph LRP"] if args.quick else list(METHODS)
+    rows: List[Row] = []
+    preparations = []
+    for name in models:
+        print(f"{name}:", file=sys.stderr, flush=True)
+        preparations.append(measure_preparation(name, size, args.repeats or 3))
+        for batch in batches:
+            repeats = args.repeats or (3 if batch == 1 else 2)
+            batch_rows = measure_times(name, batch, size, repeats, args.methods)
+            if batch in memory_batches:
+                for row in batch_rows:
+                    if row.seconds is None or row.method not in memory_methods:
+                        continue
+                    found = _run_probe("memory", name, str(batch), str(size), row.method)
+                    row.memory_mb = found.get("extra_mib")
+                    print(f"  {name} batch {batch} {row.method}: {row.memory_mb} MiB", file=sys.stderr, flush=True)
+                    if "error" in found:
+                        row.note = (row.note + "; " if row.note else "") + f"memory: {found['error']}"
+            rows += batch_rows
+    growth = _run_probe("growth") if memory_batches else None
+    print_results(rows, preparations, growth, args.markdown, size)
+
+
+if __name__ == "__main__":
+    main()

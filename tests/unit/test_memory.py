@@ -1,0 +1,114 @@
+"""What repeated calls leave behind: no growing set of live tensors, no reference to
+inputs or results, the prepared graph reused until the model changes, and the
+faster stabiliser equal bit for bit to the formula it replaces.
+
+Nothing here is timed; ``benchmarks/run.py`` measures speed and resident memory.
+"""
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from captum_graph.attr import LayerGradCam, LayerLRP, LRP
+from captum_graph.rules import ZPlusRule, stabilize
+from torch import nn
+
+from helpers.models import TINY_MODELS, example_input
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # type(): no proxies
+
+
+def _residual():
+    return TINY_MODELS["x + relu(conv(x))"]().double().eval()
+
+
+ATTRIBUTIONS = {
+    "LRP": lambda model, x: LRP(model).attribute(x, target=0),
+    "LRP, explicit rules": lambda model, x: LRP(model, rules={nn.Conv2d: ZPlusRule()}).attribute(x, target=0),
+    "LayerLRP at an addition": lambda model, x: LayerLRP(model, "block.add").attribute(
+        x, target=0, attribute_to_layer_input=True
+    ),
+    "LayerGradCam": lambda model, x: LayerGradCam(model).attribute(x, target=0),
+}
+
+
+@pytest.mark.parametrize("method", list(ATTRIBUTIONS))
+def test_repeated_calls_do_not_accumulate_tensors(method):
+    model, x = _residual(), example_input()
+    attribute = ATTRIBUTIONS[method]
+    for _ in range(3):  # the graph is prepared and cached by the first call
+        attribute(model, x)
+    before = _live_tensors()
+    for _ in range(20):
+        attribute(model, x)
+    assert _live_tensors() <= before, "live tensors grow with the number of calls"
+
+
+@pytest.mark.parametrize("method", list(ATTRIBUTIONS))
+def test_no_reference_to_inputs_or_results_is_kept(method):
+    model = _residual()
+    ATTRIBUTIONS[method](model, example_input())  # prepared and cached
+    x = example_input()
+    result = ATTRIBUTIONS[method](model, x)
+    results = result if isinstance(result, tuple) else (result,)
+    refs = [weakref.ref(x)] + [weakref.ref(r) for r in results]
+    del x, result, results
+    gc.collect()
+    assert all(ref() is None for ref in refs), "an input or a result is still referenced after the call"
+
+
+def test_prepared_graph_is_reused_by_later_calls_and_other_instances():
+    model, x = _residual(), example_input()
+    lrp = LRP(model)
+    first = lrp.prepared
+    lrp.attribute(x, target=0)
+    LayerLRP(model, "block.add").attribute(x, target=0)
+    assert lrp.prepared is first
+    assert LRP(model).prepared is first
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda model: model.block.conv.weight.mul_(2.0),  # in place (under no_grad): an optimiser step
+        lambda model: setattr(model.block.conv.weight, "data", model.block.conv.weight.data * 2),  # rebound
+        lambda model: setattr(model.block.conv, "weight", nn.Parameter(model.block.conv.weight * 2)),  # replaced
+    ],
+    ids=["in place", "data rebound", "parameter replaced"],
+)
+def test_prepared_graph_is_rebuilt_after_a_parameter_changes(change):
+    model, x = _residual(), example_input()
+    lrp = LRP(model)
+    first = lrp.prepared
+    before = lrp.attribute(x, target=0)
+    with torch.no_grad():
+        change(model)
+    assert lrp.prepared is not first
+    after = lrp.attribute(x, target=0)
+    reference = LRP(copy.deepcopy(model)).attribute(x, target=0)  # never prepared before
+    torch.testing.assert_close(after, reference, rtol=0, atol=0)
+    assert not torch.equal(after, before)
+
+
+def test_stabilize_equals_the_spelled_out_formula_bit_for_bit():
+    def spelled_out(z, epsilon):
+        sign = (z >= 0).to(z.dtype) * 2 - 1
+        return z + epsilon * sign
+
+    for dtype, bits in [(torch.float64, torch.int64), (torch.float32, torch.int32), (torch.bfloat16, torch.int16)]:
+        z = torch.randn(5000, dtype=torch.float64) * torch.logspace(-14, 3, 5000, dtype=torch.float64)
+        z[:4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")], dtype=torch.float64)
+        z = z.to(dtype)
+        for epsilon in (1e-9, 1e-6, 0.25, 0.0):
+            for requires_grad in (False, True):
+                value = z.clone().requires_grad_(requires_grad)
+                expected, found = spelled_out(value, epsilon).detach(), stabilize(value, epsilon).detach()
+                assert torch.equal(expected.view(bits), found.view(bits)), (dtype, epsilon, requires_grad)
+    nan = stabilize(torch.tensor([float("nan")]), 1e-9)
+    assert nan.isnan().all()
