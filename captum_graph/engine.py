@@ -5,6 +5,9 @@ light autograd functions on the graph's private copy of the module: one on its
 output that turns incoming relevance into a ratio (``R / z``), one on each
 input that turns the backpropagated ratio into relevance (``x * grad``). With
 the epsilon rule this is exact epsilon-LRP at the cost of a plain backward.
+Where an epsilon layer feeds only a ReLU whose output only epsilon layers
+read, the ratio is taken at the ReLU's output instead (see
+:func:`_ratio_after_relu`): the same numbers, one tensor fewer kept per layer.
 Other rules compute input relevance from output relevance in the backward
 pass. Nothing is registered on the user's modules.
 """
@@ -13,12 +16,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationRule
 from torch import Tensor, nn
 
 from .cloning import private_copy
 from .linearized import linearized_forward
-from .modules import Function
+from .modules import Activation, Function
 from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
 
 __all__ = ["relevance_hooks", "LayerCapture"]
@@ -128,7 +132,8 @@ class LayerCapture:
         return _store
 
 
-def _epsilon_hooks(rule: PropagationRule):
+def _epsilon_hooks(rule: PropagationRule, divide: bool = True):
+    """Multiply by each input, divide by the stabilised output (unless a ReLU after it does)."""
     epsilon = rule.STABILITY_FACTOR
 
     def pre(module, args):
@@ -141,10 +146,12 @@ def _epsilon_hooks(rule: PropagationRule):
             return (post(module, args, output[0]),) + output[1:]
         return _DivideByOutput.apply(output, epsilon) if output.requires_grad else output
 
-    return pre, post
+    return pre, post if divide else None
 
 
-def _pass_hooks():
+def _pass_hooks(epsilon: Optional[float] = None):
+    """Hand relevance to the input unchanged; with ``epsilon``, first divide it by the stabilised output."""
+
     def post(module, args, output):
         first = next((a for a in args if isinstance(a, Tensor)), None)
         if first is None or not first.requires_grad or not isinstance(output, Tensor):
@@ -155,7 +162,8 @@ def _pass_hooks():
                 f"input, but {type(module).__name__} maps {tuple(first.shape)} to {tuple(output.shape)}; "
                 "choose another rule for it"
             )
-        return _PassThrough.apply(first, output)
+        passed = _PassThrough.apply(first, output)
+        return passed if epsilon is None else _DivideByOutput.apply(passed, epsilon)
 
     return None, post
 
@@ -211,16 +219,55 @@ def _constant_hooks():
     return None, post
 
 
-def _hooks_for(rule: PropagationRule):
+def _hooks_for(rule: PropagationRule, ratio_moved: bool, ratio_epsilon: Optional[float]):
+    """The hooks of ``rule``; ``ratio_moved``/``ratio_epsilon``: see :func:`_ratio_after_relu`."""
     if isinstance(rule, MoveRule):
         return None, None
     if isinstance(rule, ConstantRule):
         return _constant_hooks()
     if isinstance(rule, (PassThroughRule, IdentityRule)):
-        return _pass_hooks()
+        return _pass_hooks(ratio_epsilon)
     if _is_plain_epsilon(rule):
-        return _epsilon_hooks(rule)
+        return _epsilon_hooks(rule, divide=not ratio_moved)
     return _explicit_hooks(rule)
+
+
+def _is_relu(module: nn.Module) -> bool:
+    return type(module) is nn.ReLU or (
+        type(module) is Activation and module.fn in (F.relu, torch.relu, torch.Tensor.relu) and not module.kwargs
+    )
+
+
+def _ratio_after_relu(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: set) -> Dict[str, str]:
+    """Epsilon layers whose ratio ``R / (z + eps sign z)`` can be taken after the ReLU that follows.
+
+    For a layer ``z = f(x)`` whose only reader is ``a = relu(z)``, read only by
+    epsilon layers (which multiply the relevance by ``a``): where ``z > 0``,
+    ``a == z``; elsewhere the relevance arriving is ``0 * ratio``, zero either
+    way. Dividing at ``a`` gives the same numbers, and ``z`` need not be kept
+    for the backward pass. Returns ``{layer target: relu target}``; nodes with
+    a layer capture keep the plain order (a capture reads relevance between them).
+    """
+    moved = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        rule, users = rules.get(node.target), list(node.users)
+        if rule is None or not _is_plain_epsilon(rule) or len(users) != 1 or node.target in captured:
+            continue
+        relu = users[0]
+        if relu.op != "call_module" or relu.target in captured or relu.args[:1] != (node,) or len(relu.args) != 1:
+            continue
+        if not _is_relu(gm.get_submodule(relu.target)) or not isinstance(rules.get(relu.target), (PassThroughRule, IdentityRule)):
+            continue
+        readers = list(relu.users)
+        if readers and all(_multiplies_by(reader, relu, rules) for reader in readers):
+            moved[node.target] = relu.target
+    return moved
+
+
+def _multiplies_by(reader: fx.Node, value: fx.Node, rules: Dict[str, PropagationRule]) -> bool:
+    """Whether ``reader`` is an epsilon layer taking ``value`` as a plain positional argument."""
+    rule = rules.get(reader.target) if reader.op == "call_module" else None
+    return rule is not None and _is_plain_epsilon(rule) and value in reader.args and value not in reader.kwargs.values()
 
 
 def _capture_hooks(capture: LayerCapture):
@@ -252,14 +299,20 @@ def relevance_hooks(
     handles = []
     by_qualname = {a.qualname: a for a in assignments}
     targets = {str(n.target): n for n in gm.graph.find_nodes(op="call_module")}
+    rules = {}
+    for target, node in targets.items():
+        assignment = by_qualname.get(node.meta.get("qualname", node.name))
+        if assignment is not None and assignment.rule is not None:
+            rules[target] = assignment.rule
+    moved = _ratio_after_relu(gm, rules, {capture.node_target for capture in captures})
+    epsilon_after = {relu: rules[layer].STABILITY_FACTOR for layer, relu in moved.items()}
     with contextlib.ExitStack() as stack:
         stack.callback(_remove, handles)
         for target, node in targets.items():
-            assignment = by_qualname.get(node.meta.get("qualname", node.name))
             module = gm.get_submodule(target)
-            if assignment is not None and assignment.rule is not None:
-                handles += _register(module, *_hooks_for(assignment.rule))
-                if _is_plain_epsilon(assignment.rule):
+            if target in rules:
+                handles += _register(module, *_hooks_for(rules[target], target in moved, epsilon_after.get(target)))
+                if _is_plain_epsilon(rules[target]):
                     stack.enter_context(_linearized(module))
             for capture in captures:
                 if capture.node_target == target:

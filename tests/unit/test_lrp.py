@@ -166,6 +166,37 @@ def test_same_as_captum_on_sequential_model(batch_norm, inplace, target):
     _close(delta, expected_delta)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["conv-relu", "bn-relu"])
+def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
+    """The engine divides by the ReLU's output instead of the layer's before it: same relevance.
+
+    A large epsilon makes the stabiliser count, so dividing by the wrong
+    tensor would show; LayerLRP at the layer before the ReLU (which keeps the
+    plain order) must agree with Captum too.
+    """
+    from captum_graph import prepare
+    from captum_graph.engine import _ratio_after_relu
+
+    theirs, ours = _twins(batch_norm)
+    layer = "bn" if batch_norm else "conv"
+    rules = {name: EpsilonRule(0.5) for name in ("conv", "bn", "pool", "fc") if getattr(theirs, name) is not None}
+    for name, rule in rules.items():
+        getattr(theirs, name).rule = rule
+    x = 3 * example_input(BATCH)
+    lrp = LRP(ours, rules={name: EpsilonRule(0.5) for name in rules})
+    gm = prepare(ours).graph_module
+    assigned = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
+    assert _ratio_after_relu(gm, assigned, set()) == {layer: "relu"}
+    assert _ratio_after_relu(gm, assigned, {layer}) == {}
+
+    # Captum gets a fresh model per call: the state its rules keep leaks into the next call
+    theirs_again = copy.deepcopy(theirs)
+    _close(lrp.attribute(x, target=TARGETS["list"]), ca.LRP(theirs).attribute(x, target=TARGETS["list"]))
+    ours_at_layer = LayerLRP(ours, layer, rules={name: EpsilonRule(0.5) for name in rules})
+    theirs_at_layer = ca.LayerLRP(theirs_again, getattr(theirs_again, layer))
+    _close(ours_at_layer.attribute(x, target=1), theirs_at_layer.attribute(x.clone(), target=1))
+
+
 RULES_ON_USER_MODULES = {  # case: (module attribute, rule factory, tolerance)
     "conv=Gamma": ("conv", lambda: GammaRule(), 1e-10),
     "conv=Gamma(1, no bias)": ("conv", lambda: GammaRule(gamma=1.0, set_bias_to_zero=True), 1e-10),
