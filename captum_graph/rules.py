@@ -134,6 +134,12 @@ class ZPlusRule(ExplicitRule):
 
     def relevance(self, module, inputs, relevance):
         x = inputs[0].detach()
+        if not bool((x < 0).any()):  # e.g. after a ReLU: the x^- w^- half is zero, skip computing it
+            pos = x.requires_grad_()
+            with torch.enable_grad():
+                z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), pos)
+                (g_pos,) = torch.autograd.grad(z, pos, self._ratio(relevance, z))
+            return (pos * g_pos,)
         pos, neg = x.clamp(min=0).requires_grad_(), x.clamp(max=0).requires_grad_()
         with torch.enable_grad():
             z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), pos) + _call_with(

@@ -218,6 +218,18 @@ def test_stabiliser_uses_the_exact_float64_epsilon(rule, reference):
     _assert_close(actual, expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("sign", ["non-negative", "mixed"])
+def test_zplus_after_relu_matches_reference(sign):
+    """ZPlus skips the negative half of its formula when no input is negative (after a ReLU)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(DTYPE)
+    x = _inputs(2, 2, 5, 5)
+    x = x.clamp(min=0) if sign == "non-negative" else x
+    relevance = _inputs(2, 3, 5, 5, seed=2)
+    (actual,) = ZPlusRule().relevance(conv, (x,), relevance)
+    _assert_close(actual, ref.zplus(conv, x, relevance, eps=1e-6))
+
+
 class ReusedMLP(nn.Module):
     """``fc1`` and ``relu`` are each called at two places."""
 
