@@ -91,17 +91,20 @@ class ExplicitRule(PropagationRule):
         return relevance / stabilize(z, self.STABILITY_FACTOR)
 
 
-def stabilize(z: Tensor, epsilon: float) -> Tensor:
+def stabilize(z: Tensor, epsilon: float, non_negative: bool = False) -> Tensor:
     """``z + epsilon * sign(z)``, with sign(0) taken as +1 (Captum's convention).
 
     Computed as ``z + copysign(epsilon, z + 0.0)`` (adding zero turns -0.0
     into +0.0, which takes the +1): the same values bit for bit as the
     formula spelled out, in three passes over ``z`` where that takes six,
-    and without comparisons and boolean masks (slow on CPUs).
+    and without comparisons and boolean masks (slow on CPUs). A caller that
+    knows ``z >= 0`` (a ReLU's output) passes ``non_negative``: one pass.
     """
     if not isinstance(epsilon, (int, float)):  # e.g. a tensor: the formula spelled out
         return z + epsilon * ((z >= 0).to(z.dtype) * 2 - 1)
-    epsilon_tensor = _epsilon_tensor(float(epsilon), z.dtype, z.device)
+    epsilon_tensor = constant_tensor(float(epsilon), z.dtype, z.device)
+    if non_negative:
+        return z + epsilon_tensor
     if z.requires_grad and torch.is_grad_enabled():  # out= does not record gradients
         return z + torch.copysign(epsilon_tensor, z + 0.0)
     step = z + 0.0
@@ -110,10 +113,11 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _epsilon_tensor(epsilon: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+def constant_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 0-dimensional tensor (cached), rounded as PyTorch rounds a Python scalar."""
     # ``epsilon * sign`` computes in float32 for float32 and narrower tensors and in float64
     # for float64 (a Python float times a float64 tensor stays exact); round the same way.
-    wide = torch.tensor(epsilon, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    wide = torch.tensor(value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     return wide.to(dtype=dtype, device=device)
 
 

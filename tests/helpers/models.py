@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
+from captum.attr._utils.custom_modules import Addition_Module
 from torch import Tensor, nn
 
 __all__ = [
@@ -336,6 +337,34 @@ class SequentialNet(nn.Module):
         if self.bn is not None:
             h = self.bn(h)
         return self.fc(self.pool(self.relu(h)).flatten(1))
+
+
+class BottleneckNet(nn.Module):
+    """conv-bn-relu-conv-bn, plus the block's input, relu, conv-bn, pool, linear: a ResNet block.
+
+    With ``captum_addition`` the residual sum is Captum's ``Addition_Module``
+    (where vanilla Captum's LRP is correct); otherwise it is ``out += x`` as
+    torchvision writes it.
+    """
+
+    def __init__(self, captum_addition: bool = False) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.relu1, self.relu2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+        self.add = Addition_Module() if captum_addition else None
+        self.conv3, self.bn3 = nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, NUM_CLASSES)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        if self.add is not None:
+            out = self.add(out, x)
+        else:
+            out += x
+        out = self.pool(self.bn3(self.conv3(self.relu2(out))))
+        return self.fc(out.flatten(1))
 
 
 class TwoLayerLinear(nn.Module):

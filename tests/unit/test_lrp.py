@@ -18,6 +18,7 @@ import captum_graph
 from captum_graph.attr import LayerLRP, LRP
 from helpers.models import (
     TINY_MODELS,
+    BottleneckNet,
     OffsetNet,
     ResidualNet,
     SequentialNet,
@@ -175,7 +176,7 @@ def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
     plain order) must agree with Captum too.
     """
     from captum_graph import prepare
-    from captum_graph.engine import _ratio_after_relu
+    from captum_graph.engine import fused_ratios
 
     theirs, ours = _twins(batch_norm)
     layer = "bn" if batch_norm else "conv"
@@ -186,8 +187,8 @@ def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
     lrp = LRP(ours, rules={name: EpsilonRule(0.5) for name in rules})
     gm = prepare(ours).graph_module
     assigned = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
-    assert _ratio_after_relu(gm, assigned, set()) == {layer: "relu"}
-    assert _ratio_after_relu(gm, assigned, {layer}) == {}
+    assert fused_ratios(gm, assigned, set()).before_relu == {layer}
+    assert fused_ratios(gm, assigned, {layer}).before_relu == set()
 
     # Captum gets a fresh model per call: the state its rules keep leaks into the next call
     theirs_again = copy.deepcopy(theirs)
@@ -195,6 +196,43 @@ def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
     ours_at_layer = LayerLRP(ours, layer, rules={name: EpsilonRule(0.5) for name in rules})
     theirs_at_layer = ca.LayerLRP(theirs_again, getattr(theirs_again, layer))
     _close(ours_at_layer.attribute(x, target=1), theirs_at_layer.attribute(x.clone(), target=1))
+
+
+def test_fused_ratios_on_a_residual_block_match_captum():
+    """Every fused step of the engine on a ResNet block, against Captum's per-layer hooks.
+
+    Batch norms with non-trivial statistics; a large epsilon so that a ratio
+    taken at the wrong tensor would show. Captum is right here because its
+    twin sums the residual with ``Addition_Module``.
+    """
+    from captum_graph import prepare
+    from captum_graph.engine import fused_ratios
+
+    torch.manual_seed(3)
+    ours, theirs = BottleneckNet().double().eval(), BottleneckNet(captum_addition=True).double().eval()
+    with torch.no_grad():
+        for norm in (ours.bn1, ours.bn2, ours.bn3):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    theirs.load_state_dict(ours.state_dict())
+    layers = ("conv1", "bn1", "conv2", "bn2", "add", "conv3", "bn3", "pool", "fc")
+    for name in layers:
+        getattr(theirs, name).rule = EpsilonRule(0.5)
+    lrp = LRP(ours, rules={nn.Conv2d: EpsilonRule(0.5), nn.BatchNorm2d: EpsilonRule(0.5), nn.AvgPool2d: EpsilonRule(0.5),
+                           nn.Linear: EpsilonRule(0.5), captum_graph.modules.Addition: EpsilonRule(0.5)})
+    gm = prepare(ours).graph_module
+    rules = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
+    fused = fused_ratios(gm, {n.target: rules[n.meta.get("qualname", n.name)] for n in gm.graph.find_nodes(op="call_module") if n.meta.get("qualname", n.name) in rules}, set())
+    assert fused.before_relu == {"bn1", "add"} and set(fused.relus) == {"relu1", "relu2"}
+    assert set(fused.batch_norms) == {"bn2", "bn3"} and len(fused.in_place_additions) == 1
+    assert {"conv1", "conv2", "conv3"} <= set(fused.at_output), "a convolution's ratio is not fused with its batch norm"
+
+    x = 3 * example_input(BATCH)
+    expected = ca.LRP(theirs).attribute(x, target=TARGETS["list"])
+    _close(lrp.attribute(x, target=TARGETS["list"]), expected)
+    _close(lrp.attribute(x, target=TARGETS["list"]), expected)  # the fused forwards were put back
 
 
 RULES_ON_USER_MODULES = {  # case: (module attribute, rule factory, tolerance)

@@ -110,5 +110,34 @@ def test_stabilize_equals_the_spelled_out_formula_bit_for_bit():
                 value = z.clone().requires_grad_(requires_grad)
                 expected, found = spelled_out(value, epsilon).detach(), stabilize(value, epsilon).detach()
                 assert torch.equal(expected.view(bits), found.view(bits)), (dtype, epsilon, requires_grad)
+            relu_output = torch.relu(z)
+            relu_output[1] = -0.0  # relu may give -0.0, which counts as positive
+            expected = spelled_out(relu_output, epsilon)
+            assert torch.equal(expected.view(bits), stabilize(relu_output, epsilon, non_negative=True).view(bits))
     nan = stabilize(torch.tensor([float("nan")]), 1e-9)
     assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("non_negative", [False, True], ids=["signed", "relu-output"])
+def test_ratio_in_the_values_own_memory_is_the_quotient(dtype, non_negative):
+    """``grad / stab(v) * v`` computed in ``v``'s memory: exact at 0 and for large ``|v|``, a few ulps elsewhere."""
+    from captum_graph.engine import _ratio_times_value
+
+    torch.manual_seed(0)
+    value = torch.randn(4000, dtype=torch.float64) * torch.logspace(-14, 9, 4000, dtype=torch.float64)
+    value[:3] = torch.tensor([0.0, -0.0, 1e-9])
+    value = (value.abs() if non_negative else value).to(dtype)
+    grad = torch.randn(4000, dtype=dtype)
+    epsilon = 1e-9
+    exact = (grad.double() / stabilize(value.double(), epsilon) * value.double()).to(dtype)
+    owned = value.clone()
+    found = _ratio_times_value(grad, owned, epsilon, non_negative, reuse=True)
+    assert found.data_ptr() == owned.data_ptr(), "the result did not take the value's memory"
+    assert (found[:2] == 0).all() and (found[2] - grad[2] / 2).abs() <= 1e-6 * grad[2].abs()
+    large = value.abs() > 2 * epsilon / torch.finfo(dtype).eps  # eps / |v| below half an ulp of 1
+    assert large.sum() > 100 and torch.equal(found[large], grad[large])
+    torch.testing.assert_close(found, exact, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    fresh = _ratio_times_value(grad, value, epsilon, non_negative, reuse=False)
+    assert fresh.data_ptr() != value.data_ptr()
+    torch.testing.assert_close(fresh, exact, rtol=4 * torch.finfo(dtype).eps, atol=0)
