@@ -1,6 +1,5 @@
 """A read-only view of a traced model: nodes, queries and the Grad-CAM target."""
 import difflib
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 

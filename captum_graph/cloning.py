@@ -6,7 +6,6 @@ changes by a rule) happens on such a copy, so the user's model never changes.
 import copy
 from typing import Dict
 
-import torch
 from torch import nn
 
 __all__ = ["private_copy"]

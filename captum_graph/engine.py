@@ -5,28 +5,24 @@ light autograd functions on the graph's private copy of the module: one on its
 output that turns incoming relevance into a ratio (``R / z``), one on each
 input that turns the backpropagated ratio into relevance (``x * grad``). With
 the epsilon rule this is exact epsilon-LRP at the cost of a plain backward.
-Between epsilon layers the two meet in one step (see :class:`FusedRatios`),
-and a ReLU there takes the ratio itself, so that per layer the backward pass
-allocates one tensor more than a plain backward and keeps nothing more.
+Between epsilon layers the two meet in one step, computed in place (see
+``fusion.py``): there the backward pass costs about what a plain one does.
 Other rules compute input relevance from output relevance in the backward
 pass. Nothing is registered on the user's modules.
 """
 import contextlib
-import dataclasses
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationRule
+from captum.attr._utils.lrp_rules import IdentityRule, PropagationRule
 from torch import Tensor, nn
 
 from .cloning import private_copy
+from .fusion import FusedRatios, RatioAtOutput, fused_forward, fused_ratios, is_plain_epsilon
 from .linearized import linearized_forward
-from .modules import Activation, Addition, Function
-from .rules import (
-    ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, constant_tensor, init_rule_state, stabilize,
-)
+from .modules import Function
+from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
 
 __all__ = ["relevance_hooks", "LayerCapture"]
 
@@ -61,121 +57,6 @@ class _DivideByOutput(torch.autograd.Function):
         if grad.requires_grad:  # a double backward records the division
             return grad / denominator, None
         return torch.div(grad, denominator, out=denominator), None
-
-
-class _RatioAtOutput(torch.autograd.Function):
-    """Identity forward; backward turns the summed gradient of its readers into the layer's ratio.
-
-    The readers are epsilon layers that leave out their multiplication by this
-    value (see :class:`FusedRatios`). ``reuse``: nothing reads ``z`` after this
-    step of the backward pass, so the result may take its memory.
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, epsilon: float, reuse: bool) -> Tensor:
-        ctx.save_for_backward(z)
-        ctx.epsilon, ctx.reuse = epsilon, reuse
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
-        (z,) = ctx.saved_tensors
-        return _ratio_times_value(grad, z, ctx.epsilon, non_negative=False, reuse=ctx.reuse), None, None
-
-
-class _ReluWithRatio(torch.autograd.Function):
-    """``relu(z)``; backward gives the ratio of the epsilon layer that produced ``z``.
-
-    With ``a = relu(z)`` read only by epsilon layers that leave out their
-    multiplication by ``a``: where ``z > 0`` ``a == z``, elsewhere the
-    relevance is ``0 * ratio``; so ``grad / stab(a) * a`` is that layer's ratio
-    and neither ``z`` nor a ReLU mask is needed. ``in_place`` overwrites ``z``
-    (only where nothing else reads it and its producer does not keep it). The
-    backward step is the last to read ``a`` and takes its memory.
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, epsilon: float, in_place: bool) -> Tensor:
-        if in_place:
-            ctx.mark_dirty(z)
-            a = torch.relu_(z)
-        else:
-            a = torch.relu(z)
-        ctx.save_for_backward(a)
-        ctx.epsilon = epsilon
-        return a
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
-        (a,) = ctx.saved_tensors
-        return _ratio_times_value(grad, a, ctx.epsilon, non_negative=True, reuse=True), None, None
-
-
-class _BatchNormWithRatio(torch.autograd.Function):
-    """An eval-mode batch norm whose readers leave out their multiplication by its output ``y``.
-
-    Backward: the ratio ``grad / stab(y) * y`` times the norm's per-channel
-    scale. ``y`` is not kept but recomputed from the input, which the
-    backward pass keeps anyway (for the layer before), so that a residual
-    addition may add into ``y`` in place, as the plain forward does.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, norm: nn.modules.batchnorm._BatchNorm, epsilon: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.norm, ctx.epsilon = norm, epsilon
-        return _batch_norm(norm, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
-        (x,) = ctx.saved_tensors
-        norm = ctx.norm
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        scale = scale.reshape((1, -1) + (1,) * (x.dim() - 2))
-        with torch.set_grad_enabled(grad.requires_grad):  # a double backward records the operations
-            ratio = _ratio_times_value(grad, _batch_norm(norm, x), ctx.epsilon, non_negative=False, reuse=True)
-        return ratio * scale if grad.requires_grad else ratio.mul_(scale), None, None
-
-
-def _batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-
-
-def _is_eval_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_var is not None
-
-
-def _add_in_place(*terms: Tensor) -> Tensor:
-    """``Addition``'s forward adding into its first term (which nothing else reads or keeps)."""
-    total = terms[0]
-    for term in terms[1:]:
-        total = total.add_(term)
-    return total
-
-
-def _ratio_times_value(grad: Tensor, value: Tensor, epsilon: float, non_negative: bool, reuse: bool) -> Tensor:
-    """``grad / stab(value) * value``, the relevance ratio of the layer that produced ``value``.
-
-    With ``reuse`` the result overwrites ``value`` (no new tensor: on CPUs a
-    fresh one costs more in page faults than the arithmetic), computed as
-    ``grad / (1 + eps / |value|)`` in three or four passes: exactly 0 where
-    ``value == 0``, exactly ``grad`` where ``eps`` is below ``|value|``'s
-    rounding, otherwise within a few ulps of the quotient. Without ``reuse``,
-    one fresh tensor (the incoming gradient may be shared).
-    """
-    if grad.requires_grad:  # a double backward records the operations
-        return grad / stabilize(value, epsilon) * value
-    if not reuse or not isinstance(epsilon, (int, float)):
-        result = stabilize(value, epsilon, non_negative)
-        torch.div(grad, result, out=result)
-        return result.mul_(value)
-    value = value.detach()  # the gradient returned must not carry the forward's history
-    denominator = value if non_negative else value.abs_()
-    eps = constant_tensor(float(epsilon), value.dtype, value.device)
-    torch.div(eps, denominator, out=denominator).add_(1)  # 1 + eps / |value| (addcdiv takes twice as long)
-    return torch.div(grad, denominator, out=denominator)
 
 
 class _PassThrough(torch.autograd.Function):
@@ -224,17 +105,6 @@ def _tensors(values: Sequence) -> List[int]:
     return [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.requires_grad]
 
 
-def _is_plain_epsilon(rule: PropagationRule) -> bool:
-    cls = type(rule)
-    return (
-        isinstance(rule, EpsilonRule)
-        and not isinstance(rule, IdentityRule)
-        and cls._manipulate_weights is EpsilonRule._manipulate_weights
-        and cls._create_backward_hook_input is PropagationRule._create_backward_hook_input
-        and cls._create_backward_hook_output is PropagationRule._create_backward_hook_output
-    )
-
-
 class LayerCapture:
     """Collects relevance at one module's output or inputs during the backward pass."""
 
@@ -254,7 +124,7 @@ def _epsilon_hooks(rule: PropagationRule, output: str = "divide", ratio_args: Fr
     """Multiply by each input (but those at ``ratio_args``) and treat the output.
 
     ``output``: ``"divide"`` by its stabilised value, ``"ratio"`` (its readers
-    leave out their multiplication, :class:`_RatioAtOutput`, which may
+    leave out their multiplication, :class:`RatioAtOutput`, which may
     ``reuse`` the output's memory) or ``"none"`` (a ReLU after it takes the
     ratio, :class:`_ReluWithRatio`).
     """
@@ -271,7 +141,7 @@ def _epsilon_hooks(rule: PropagationRule, output: str = "divide", ratio_args: Fr
             return (post(module, args, out[0]),) + out[1:]
         if not out.requires_grad:
             return out
-        return _DivideByOutput.apply(out, epsilon) if output == "divide" else _RatioAtOutput.apply(out, epsilon, reuse)
+        return _DivideByOutput.apply(out, epsilon) if output == "divide" else RatioAtOutput.apply(out, epsilon, reuse)
 
     return pre, None if output == "none" else post
 
@@ -345,113 +215,20 @@ def _constant_hooks():
     return None, post
 
 
-def _hooks_for(target: str, rule: PropagationRule, fused: "FusedRatios"):
+def _hooks_for(target: str, rule: PropagationRule, fused: FusedRatios):
     if isinstance(rule, MoveRule):
         return None, None
     if isinstance(rule, ConstantRule):
         return _constant_hooks()
     if isinstance(rule, (PassThroughRule, IdentityRule)):
         return (None, None) if target in fused.relus else _pass_hooks()
-    if _is_plain_epsilon(rule):
+    if is_plain_epsilon(rule):
         ratio_args = frozenset(fused.ratio_args.get(target, ()))
         if target in fused.at_output:
             return _epsilon_hooks(rule, "ratio", ratio_args, reuse=fused.at_output[target][1])
         silent = target in fused.before_relu or target in fused.batch_norms
         return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args)
     return _explicit_hooks(rule)
-
-
-def _is_relu(module: nn.Module) -> bool:
-    return type(module) is nn.ReLU or (
-        type(module) is Activation and module.fn in (F.relu, torch.relu, torch.Tensor.relu) and not module.kwargs
-    )
-
-
-# Layers whose autograd node keeps no reference to their output: a ReLU may overwrite it.
-_OUTPUT_NOT_KEPT = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, Addition)
-
-
-@dataclasses.dataclass
-class FusedRatios:
-    """Values where an epsilon layer's ratio and its readers' multiplications become one step.
-
-    Exact epsilon-LRP divides relevance by a layer's stabilised output ``z``
-    and each reader multiplies it by its input ``z`` again. Where every reader
-    of ``z`` is an epsilon layer (without a capture), the readers skip the
-    multiplication and one backward step computes ``grad / stab(z) * z`` on
-    the summed gradient: the same relevance up to rounding, one fresh tensor
-    where there were one per reader plus one. Where ``z`` goes only to a ReLU
-    whose output ``a`` is read that way, the ReLU takes the ratio at ``a``
-    (equal where ``z > 0``, zero relevance elsewhere), so ``z`` is not kept.
-    """
-
-    at_output: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # layer -> (epsilon, reuse)
-    batch_norms: Dict[str, float] = dataclasses.field(default_factory=dict)  # ratio at output, recomputed
-    in_place_additions: Set[str] = dataclasses.field(default_factory=set)  # add into a batch norm's output
-    relus: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # relu -> (epsilon, in place)
-    before_relu: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio a ReLU takes
-    ratio_args: Dict[str, Set[int]] = dataclasses.field(default_factory=dict)  # reader -> positions skipped
-
-
-def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
-    """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order."""
-    fused = FusedRatios()
-    for node in gm.graph.find_nodes(op="call_module"):
-        if node.target in captured or not _is_plain_epsilon(rules.get(node.target)):
-            continue
-        epsilon = rules[node.target].STABILITY_FACTOR
-        output_not_kept = isinstance(gm.get_submodule(node.target), _OUTPUT_NOT_KEPT)
-        relu = _single_relu_reader(gm, node, rules, captured)
-        if relu is not None and _read_by_epsilon_layers(relu, rules, captured):
-            fused.relus[relu.target], value = (epsilon, output_not_kept), relu
-            fused.before_relu.add(node.target)
-        elif _read_by_epsilon_layers(node, rules, captured):
-            value = node
-            if _is_eval_batch_norm(gm.get_submodule(node.target)):
-                fused.batch_norms[node.target] = epsilon
-                if _can_add_in_place(gm, node):
-                    fused.in_place_additions.add(next(iter(node.users)).target)
-            else:
-                fused.at_output[node.target] = (epsilon, output_not_kept)
-        else:
-            continue
-        for reader in value.users:
-            positions = {i for i, arg in enumerate(reader.args) if arg is value}
-            fused.ratio_args.setdefault(reader.target, set()).update(positions)
-    return fused
-
-
-def _can_add_in_place(gm: fx.GraphModule, norm: fx.Node) -> bool:
-    """Whether the only reader of ``norm`` is an ``Addition`` whose first term it is (and only that)."""
-    if len(norm.users) != 1:
-        return False
-    (addition,) = norm.users
-    module = gm.get_submodule(addition.target)
-    return type(module) is Addition and module.alpha == 1 and addition.args[:1] == (norm,) and addition.args.count(norm) == 1
-
-
-def _single_relu_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[str]) -> Optional[fx.Node]:
-    """The ReLU (pass-through rule, no capture) that is ``node``'s only reader, if any."""
-    if len(node.users) != 1:
-        return None
-    (relu,) = node.users
-    if relu.op != "call_module" or relu.target in captured or relu.args != (node,) or relu.kwargs:
-        return None
-    if not _is_relu(gm.get_submodule(relu.target)):
-        return None
-    return relu if isinstance(rules.get(relu.target), (PassThroughRule, IdentityRule)) else None
-
-
-def _read_by_epsilon_layers(value: fx.Node, rules: Dict[str, PropagationRule], captured: Set[str]) -> bool:
-    """Whether every reader of ``value`` is an epsilon layer taking it positionally, without a capture."""
-    return bool(value.users) and all(
-        reader.op == "call_module"
-        and reader.target not in captured
-        and _is_plain_epsilon(rules.get(reader.target))
-        and value in reader.args
-        and value not in reader.kwargs.values()
-        for reader in value.users
-    )
 
 
 def _capture_hooks(capture: LayerCapture):
@@ -495,25 +272,13 @@ def relevance_hooks(
             module = gm.get_submodule(target)
             if target in rules:
                 handles += _register(module, *_hooks_for(target, rules[target], fused))
-                if _is_plain_epsilon(rules[target]):
+                if is_plain_epsilon(rules[target]):
                     stack.enter_context(_swapped_forward(module, linearized_forward(module)))
-            stack.enter_context(_swapped_forward(module, _fused_forward(module, target, fused)))
+            stack.enter_context(_swapped_forward(module, fused_forward(module, target, fused)))
             for capture in captures:
                 if capture.node_target == target:
                     handles += _register(module, *_capture_hooks(capture), outer=True)
         yield
-
-
-def _fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optional[Callable]:
-    """The forward that ``fused`` asks of this module, if any."""
-    if target in fused.relus:
-        epsilon, in_place = fused.relus[target]
-        return lambda z: _ReluWithRatio.apply(z, epsilon, in_place)
-    if target in fused.batch_norms:
-        return lambda x: _BatchNormWithRatio.apply(x, module, fused.batch_norms[target])
-    if target in fused.in_place_additions:
-        return _add_in_place
-    return None
 
 
 def _remove(handles: list) -> None:

@@ -6,6 +6,7 @@ from typing import Dict, List, Tuple
 import torch.fx as fx
 from torch import nn
 
+from .architecture import ModelArchitecture
 from .cloning import private_copy
 from .passes import fold_batch_norms, functional_to_modules, remove_inplace, unshare_modules
 from .tracing import trace
@@ -34,10 +35,8 @@ class PreparedModel:
     model_copy: nn.Module = None
     origins: Dict[str, "weakref.ref[nn.Module]"] = field(default_factory=dict)
 
-    def architecture(self) -> "ModelArchitecture":
+    def architecture(self) -> ModelArchitecture:
         """A :class:`ModelArchitecture` view of the rewritten graph."""
-        from .architecture import ModelArchitecture
-
         return ModelArchitecture(self.graph_module.graph, self.model_copy)
 
 

@@ -176,7 +176,7 @@ def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
     plain order) must agree with Captum too.
     """
     from captum_graph import prepare
-    from captum_graph.engine import fused_ratios
+    from captum_graph.fusion import fused_ratios
 
     theirs, ours = _twins(batch_norm)
     layer = "bn" if batch_norm else "conv"
@@ -206,7 +206,7 @@ def test_fused_ratios_on_a_residual_block_match_captum():
     twin sums the residual with ``Addition_Module``.
     """
     from captum_graph import prepare
-    from captum_graph.engine import fused_ratios
+    from captum_graph.fusion import fused_ratios
 
     torch.manual_seed(3)
     ours, theirs = BottleneckNet().double().eval(), BottleneckNet(captum_addition=True).double().eval()
@@ -233,6 +233,22 @@ def test_fused_ratios_on_a_residual_block_match_captum():
     expected = ca.LRP(theirs).attribute(x, target=TARGETS["list"])
     _close(lrp.attribute(x, target=TARGETS["list"]), expected)
     _close(lrp.attribute(x, target=TARGETS["list"]), expected)  # the fused forwards were put back
+
+
+def test_layer_subclass_output_is_never_overwritten():
+    """A Conv2d subclass whose forward keeps its output for the backward (``exp``) gets no in-place ReLU."""
+
+    @captum_graph.register_leaf_module
+    class ExpConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x).exp()
+
+    model = nn.Sequential(ExpConv(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1), nn.Flatten(),
+                          nn.Linear(2 * 8 * 8, 5)).double()
+    x = example_input(BATCH)
+    lrp = LRP(model, rules={ExpConv: EpsilonRule()})
+    first = lrp.attribute(x, target=1)
+    assert torch.isfinite(first).all() and torch.equal(first, lrp.attribute(x, target=1))
 
 
 RULES_ON_USER_MODULES = {  # case: (module attribute, rule factory, tolerance)

@@ -122,7 +122,7 @@ def test_stabilize_equals_the_spelled_out_formula_bit_for_bit():
 @pytest.mark.parametrize("non_negative", [False, True], ids=["signed", "relu-output"])
 def test_ratio_in_the_values_own_memory_is_the_quotient(dtype, non_negative):
     """``grad / stab(v) * v`` computed in ``v``'s memory: exact at 0 and for large ``|v|``, a few ulps elsewhere."""
-    from captum_graph.engine import _ratio_times_value
+    from captum_graph.fusion import _ratio_times_value
 
     torch.manual_seed(0)
     value = torch.randn(4000, dtype=torch.float64) * torch.logspace(-14, 9, 4000, dtype=torch.float64)

@@ -1,0 +1,260 @@
+"""Fused relevance ratios between epsilon layers: the plan and its autograd functions.
+
+Exact epsilon-LRP divides the relevance at a layer by its stabilised output
+``z`` and multiplies it by ``z`` again at each layer that reads ``z``. Where
+every reader is an epsilon layer, :func:`fused_ratios` plans one backward step
+instead, ``grad / stab(z) * z``, computed in ``z``'s own memory after its last
+reader is done with it; a ReLU in between takes that step itself and runs in
+place, and a batch norm feeding a residual sum recomputes its output so that
+the sum adds into it in place. The engine (``engine.py``) installs the plan.
+"""
+import dataclasses
+from typing import Callable, Dict, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationRule
+from torch import Tensor, nn
+
+from .modules import Activation, Addition
+from .rules import PassThroughRule, constant_tensor, stabilize
+
+__all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Layers that return a fresh tensor their autograd node does not keep: once its readers are
+# done, the backward pass may overwrite it. Exact types: a subclass may override ``forward``.
+_OUTPUT_NOT_KEPT = frozenset(
+    (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear, Addition)
+    + _BATCH_NORMS
+    + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+    + (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+)
+
+
+class RatioAtOutput(torch.autograd.Function):
+    """Identity forward; backward turns the summed gradient of its readers into the layer's ratio.
+
+    The readers are epsilon layers that leave out their multiplication by this
+    value (see :class:`FusedRatios`). ``reuse``: nothing reads ``z`` after this
+    step of the backward pass, so the result may take its memory.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, epsilon: float, reuse: bool) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.epsilon, ctx.reuse = epsilon, reuse
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
+        (z,) = ctx.saved_tensors
+        return _ratio_times_value(grad, z, ctx.epsilon, non_negative=False, reuse=ctx.reuse), None, None
+
+
+class _ReluWithRatio(torch.autograd.Function):
+    """``relu(z)``; backward gives the ratio of the epsilon layer that produced ``z``.
+
+    With ``a = relu(z)`` read only by epsilon layers that leave out their
+    multiplication by ``a``: where ``z > 0`` ``a == z``, elsewhere the
+    relevance is ``0 * ratio``; so ``grad / stab(a) * a`` is that layer's ratio
+    and neither ``z`` nor a ReLU mask is needed. ``in_place`` overwrites ``z``
+    (only where nothing else reads it and its producer does not keep it). The
+    backward step is the last to read ``a`` and takes its memory.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, epsilon: float, in_place: bool) -> Tensor:
+        if in_place:
+            ctx.mark_dirty(z)
+            a = torch.relu_(z)
+        else:
+            a = torch.relu(z)
+        ctx.save_for_backward(a)
+        ctx.epsilon = epsilon
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
+        (a,) = ctx.saved_tensors
+        return _ratio_times_value(grad, a, ctx.epsilon, non_negative=True, reuse=True), None, None
+
+
+class _BatchNormWithRatio(torch.autograd.Function):
+    """An eval-mode batch norm whose readers leave out their multiplication by its output ``y``.
+
+    Backward: the ratio ``grad / stab(y) * y`` times the norm's per-channel
+    scale. ``y`` is not kept but recomputed from the input, which the
+    backward pass keeps anyway (for the layer before), so that a residual
+    addition may add into ``y`` in place, as the plain forward does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm: nn.modules.batchnorm._BatchNorm, epsilon: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.norm, ctx.epsilon = norm, epsilon
+        return _batch_norm(norm, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        norm = ctx.norm
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        scale = scale.reshape((1, -1) + (1,) * (x.dim() - 2))
+        with torch.set_grad_enabled(grad.requires_grad):  # a double backward records the operations
+            ratio = _ratio_times_value(grad, _batch_norm(norm, x), ctx.epsilon, non_negative=False, reuse=True)
+        return ratio * scale if grad.requires_grad else ratio.mul_(scale), None, None
+
+
+def _batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+
+
+def _is_eval_batch_norm(module: nn.Module) -> bool:
+    return type(module) in _BATCH_NORMS and not module.training and module.running_var is not None
+
+
+def _add_in_place(*terms: Tensor) -> Tensor:
+    """``Addition``'s forward adding into its first term (which nothing else reads or keeps)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total.add_(term)
+    return total
+
+
+def _ratio_times_value(grad: Tensor, value: Tensor, epsilon: float, non_negative: bool, reuse: bool) -> Tensor:
+    """``grad / stab(value) * value``, the relevance ratio of the layer that produced ``value``.
+
+    With ``reuse`` the result overwrites ``value`` (no new tensor: on CPUs a
+    fresh one costs more in page faults than the arithmetic), computed as
+    ``grad / (1 + eps / |value|)`` in three or four passes: exactly 0 where
+    ``value == 0``, exactly ``grad`` where ``eps`` is below ``|value|``'s
+    rounding, otherwise within a few ulps of the quotient. Without ``reuse``,
+    one fresh tensor (the incoming gradient may be shared).
+    """
+    if grad.requires_grad:  # a double backward records the operations
+        return grad / stabilize(value, epsilon) * value
+    if not reuse or not isinstance(epsilon, (int, float)):
+        result = stabilize(value, epsilon, non_negative)
+        torch.div(grad, result, out=result)
+        return result.mul_(value)
+    value = value.detach()  # the gradient returned must not carry the forward's history
+    denominator = value if non_negative else value.abs_()
+    eps = constant_tensor(float(epsilon), value.dtype, value.device)
+    torch.div(eps, denominator, out=denominator).add_(1)  # 1 + eps / |value| (addcdiv takes twice as long)
+    return torch.div(grad, denominator, out=denominator)
+
+
+def is_plain_epsilon(rule: PropagationRule) -> bool:
+    cls = type(rule)
+    return (
+        isinstance(rule, EpsilonRule)
+        and not isinstance(rule, IdentityRule)
+        and cls._manipulate_weights is EpsilonRule._manipulate_weights
+        and cls._create_backward_hook_input is PropagationRule._create_backward_hook_input
+        and cls._create_backward_hook_output is PropagationRule._create_backward_hook_output
+    )
+
+
+def _is_relu(module: nn.Module) -> bool:
+    return type(module) is nn.ReLU or (
+        type(module) is Activation and module.fn in (F.relu, torch.relu, torch.Tensor.relu) and not module.kwargs
+    )
+
+
+@dataclasses.dataclass
+class FusedRatios:
+    """Values where an epsilon layer's ratio and its readers' multiplications become one step.
+
+    Exact epsilon-LRP divides relevance by a layer's stabilised output ``z``
+    and each reader multiplies it by its input ``z`` again. Where every reader
+    of ``z`` is an epsilon layer (without a capture), the readers skip the
+    multiplication and one backward step computes ``grad / stab(z) * z`` on
+    the summed gradient: the same relevance up to rounding, one fresh tensor
+    where there were one per reader plus one. Where ``z`` goes only to a ReLU
+    whose output ``a`` is read that way, the ReLU takes the ratio at ``a``
+    (equal where ``z > 0``, zero relevance elsewhere), so ``z`` is not kept.
+    """
+
+    at_output: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # layer -> (epsilon, reuse)
+    batch_norms: Dict[str, float] = dataclasses.field(default_factory=dict)  # ratio at output, recomputed
+    in_place_additions: Set[str] = dataclasses.field(default_factory=set)  # add into a batch norm's output
+    relus: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # relu -> (epsilon, in place)
+    before_relu: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio a ReLU takes
+    ratio_args: Dict[str, Set[int]] = dataclasses.field(default_factory=dict)  # reader -> positions skipped
+
+
+def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
+    """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order."""
+    fused = FusedRatios()
+    for node in gm.graph.find_nodes(op="call_module"):
+        if node.target in captured or not is_plain_epsilon(rules.get(node.target)):
+            continue
+        epsilon = rules[node.target].STABILITY_FACTOR
+        output_not_kept = type(gm.get_submodule(node.target)) in _OUTPUT_NOT_KEPT
+        relu = _single_relu_reader(gm, node, rules, captured)
+        if relu is not None and _read_by_epsilon_layers(relu, rules, captured):
+            fused.relus[relu.target], value = (epsilon, output_not_kept), relu
+            fused.before_relu.add(node.target)
+        elif _read_by_epsilon_layers(node, rules, captured):
+            value = node
+            if _is_eval_batch_norm(gm.get_submodule(node.target)):
+                fused.batch_norms[node.target] = epsilon
+                if _can_add_in_place(gm, node):
+                    fused.in_place_additions.add(next(iter(node.users)).target)
+            else:
+                fused.at_output[node.target] = (epsilon, output_not_kept)
+        else:
+            continue
+        for reader in value.users:
+            positions = {i for i, arg in enumerate(reader.args) if arg is value}
+            fused.ratio_args.setdefault(reader.target, set()).update(positions)
+    return fused
+
+
+def _can_add_in_place(gm: fx.GraphModule, norm: fx.Node) -> bool:
+    """Whether the only reader of ``norm`` is an ``Addition`` whose first term it is (and only that)."""
+    if len(norm.users) != 1:
+        return False
+    (addition,) = norm.users
+    module = gm.get_submodule(addition.target)
+    return type(module) is Addition and module.alpha == 1 and addition.args[:1] == (norm,) and addition.args.count(norm) == 1
+
+
+def _single_relu_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[str]) -> Optional[fx.Node]:
+    """The ReLU (pass-through rule, no capture) that is ``node``'s only reader, if any."""
+    if len(node.users) != 1:
+        return None
+    (relu,) = node.users
+    if relu.op != "call_module" or relu.target in captured or relu.args != (node,) or relu.kwargs:
+        return None
+    if not _is_relu(gm.get_submodule(relu.target)):
+        return None
+    return relu if isinstance(rules.get(relu.target), (PassThroughRule, IdentityRule)) else None
+
+
+def _read_by_epsilon_layers(value: fx.Node, rules: Dict[str, PropagationRule], captured: Set[str]) -> bool:
+    """Whether every reader of ``value`` is an epsilon layer taking it positionally, without a capture."""
+    return bool(value.users) and all(
+        reader.op == "call_module"
+        and reader.target not in captured
+        and is_plain_epsilon(rules.get(reader.target))
+        and value in reader.args
+        and value not in reader.kwargs.values()
+        for reader in value.users
+    )
+
+
+def fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optional[Callable]:
+    """The forward that ``fused`` asks of this module, if any."""
+    if target in fused.relus:
+        epsilon, in_place = fused.relus[target]
+        return lambda z: _ReluWithRatio.apply(z, epsilon, in_place)
+    if target in fused.batch_norms:
+        return lambda x: _BatchNormWithRatio.apply(x, module, fused.batch_norms[target])
+    if target in fused.in_place_additions:
+        return _add_in_place
+    return None
