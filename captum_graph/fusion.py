@@ -2,14 +2,15 @@
 
 Exact epsilon-LRP divides the relevance at a layer by its stabilised output
 ``z`` and multiplies it by ``z`` again at each layer that reads ``z``. Where
-every reader is an epsilon layer, :func:`fused_ratios` plans one backward step
-instead, ``grad / stab(z) * z``, computed in ``z``'s own memory after its last
-reader is done with it; a ReLU in between takes that step itself and runs in
-place, and a batch norm feeding a residual sum recomputes its output so that
-the sum adds into it in place. The engine (``engine.py``) installs the plan.
+every reader is an epsilon layer (directly or through concatenations),
+:func:`fused_ratios` plans one backward step instead, ``grad / stab(z) * z``,
+computed in ``z``'s own memory after its last reader is done with it; a ReLU
+in between takes that step itself and runs in place, and a batch norm feeding
+a residual sum recomputes its output so that the sum adds into it in place.
+The engine (``engine.py``) installs the plan.
 """
 import dataclasses
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationRule
 from torch import Tensor, nn
 
-from .modules import Activation, Addition
-from .rules import PassThroughRule, constant_tensor, stabilize
+from .modules import Activation, Addition, Concatenate
+from .rules import MoveRule, PassThroughRule, constant_tensor, stabilize
 
 __all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput"]
 
@@ -161,7 +162,9 @@ def is_plain_epsilon(rule: PropagationRule) -> bool:
 
 def _is_relu(module: nn.Module) -> bool:
     return type(module) is nn.ReLU or (
-        type(module) is Activation and module.fn in (F.relu, torch.relu, torch.Tensor.relu) and not module.kwargs
+        type(module) is Activation
+        and module.fn in (F.relu, torch.relu, torch.Tensor.relu)
+        and module.kwargs in ({}, {"inplace": False})
     )
 
 
@@ -173,10 +176,11 @@ class FusedRatios:
     and each reader multiplies it by its input ``z`` again. Where every reader
     of ``z`` is an epsilon layer (without a capture), the readers skip the
     multiplication and one backward step computes ``grad / stab(z) * z`` on
-    the summed gradient: the same relevance up to rounding, one fresh tensor
-    where there were one per reader plus one. Where ``z`` goes only to a ReLU
-    whose output ``a`` is read that way, the ReLU takes the ratio at ``a``
-    (equal where ``z > 0``, zero relevance elsewhere), so ``z`` is not kept.
+    the summed gradient: the same relevance up to rounding. Readers may also
+    take ``z`` through concatenations (DenseNet), as long as every part of
+    those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
+    read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
+    zero relevance elsewhere), so ``z`` is not kept.
     """
 
     at_output: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # layer -> (epsilon, reuse)
@@ -189,30 +193,105 @@ class FusedRatios:
 
 def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
     """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order."""
-    fused = FusedRatios()
+    walk = _Walk(gm, rules, captured)
+    values = {}  # epsilon layer -> the value its readers take unmultiplied (its output or its ReLU's)
     for node in gm.graph.find_nodes(op="call_module"):
         if node.target in captured or not is_plain_epsilon(rules.get(node.target)):
             continue
-        epsilon = rules[node.target].STABILITY_FACTOR
-        output_not_kept = type(gm.get_submodule(node.target)) in _OUTPUT_NOT_KEPT
         relu = _single_relu_reader(gm, node, rules, captured)
-        if relu is not None and _read_by_epsilon_layers(relu, rules, captured):
-            fused.relus[relu.target], value = (epsilon, output_not_kept), relu
-            fused.before_relu.add(node.target)
-        elif _read_by_epsilon_layers(node, rules, captured):
-            value = node
-            if _is_eval_batch_norm(gm.get_submodule(node.target)):
-                fused.batch_norms[node.target] = epsilon
-                if _can_add_in_place(gm, node):
-                    fused.in_place_additions.add(next(iter(node.users)).target)
-            else:
-                fused.at_output[node.target] = (epsilon, output_not_kept)
-        else:
-            continue
-        for reader in value.users:
-            positions = {i for i, arg in enumerate(reader.args) if arg is value}
-            fused.ratio_args.setdefault(reader.target, set()).update(positions)
+        if relu is not None and walk.uses(relu) is not None:
+            values[node] = relu
+        elif walk.uses(node) is not None:
+            values[node] = node
+    _drop_partly_fused_concatenations(values, walk)
+    fused = FusedRatios()
+    for node, value in values.items():
+        _plan_layer(fused, gm, node, value, rules[node.target].STABILITY_FACTOR)
+        for reader, position in walk.uses(value)[0]:
+            fused.ratio_args.setdefault(reader.target, set()).add(position)
     return fused
+
+
+def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, node: fx.Node, value: fx.Node, epsilon: float) -> None:
+    module = gm.get_submodule(node.target)
+    output_not_kept = type(module) in _OUTPUT_NOT_KEPT
+    if value is not node:
+        fused.relus[value.target] = (epsilon, output_not_kept)
+        fused.before_relu.add(node.target)
+    elif _is_eval_batch_norm(module):
+        fused.batch_norms[node.target] = epsilon
+        if _can_add_in_place(gm, node):
+            fused.in_place_additions.add(next(iter(node.users)).target)
+    else:
+        fused.at_output[node.target] = (epsilon, output_not_kept)
+
+
+class _Walk:
+    """Where a value goes: to epsilon layers, directly or through concatenations."""
+
+    def __init__(self, gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> None:
+        self.gm, self.rules, self.captured = gm, rules, captured
+
+    def uses(self, value: fx.Node) -> Optional[Tuple[List[Tuple[fx.Node, int]], List[fx.Node]]]:
+        """``(epsilon layer, argument position)`` for every use, and the concatenations passed; ``None``
+        if some use is anything else (or has a capture)."""
+        if not value.users:
+            return None
+        uses, concatenations = [], []
+        for reader in value.users:
+            if self.is_concatenation(reader):
+                further = self.uses(reader)
+                if further is None:
+                    return None
+                uses += further[0]
+                concatenations += [reader] + further[1]
+            elif self._is_epsilon_reader(reader, value):
+                uses += [(reader, i) for i, arg in enumerate(reader.args) if arg is value]
+            else:
+                return None
+        return uses, concatenations
+
+    def is_concatenation(self, node: fx.Node) -> bool:
+        """A concatenation that moves relevance (``MoveRule``) and has no capture."""
+        return (
+            node.op == "call_module"
+            and node.target not in self.captured
+            and isinstance(self.gm.get_submodule(node.target), Concatenate)
+            and isinstance(self.rules.get(node.target), MoveRule)
+            and not node.kwargs
+        )
+
+    def _is_epsilon_reader(self, reader: fx.Node, value: fx.Node) -> bool:
+        return (
+            reader.op == "call_module"
+            and reader.target not in self.captured
+            and is_plain_epsilon(self.rules.get(reader.target))
+            and value in reader.args
+            and value not in reader.kwargs.values()
+        )
+
+
+def _drop_partly_fused_concatenations(values: Dict[fx.Node, fx.Node], walk: _Walk) -> None:
+    """Keep only layers whose concatenations are made of fused values alone.
+
+    A concatenation's readers leave out their multiplication for all its parts
+    or for none, so a layer reaching one with a part that is not fused (the
+    model's input, say) keeps the plain order, which may in turn exclude others.
+    """
+
+    def complete(concatenation: fx.Node, fused_values: Set[fx.Node]) -> bool:
+        return all(
+            part in fused_values or (walk.is_concatenation(part) and complete(part, fused_values))
+            for part in concatenation.args
+        )
+
+    while True:
+        fused_values = set(values.values())
+        dropped = [node for node, value in values.items() if not all(complete(c, fused_values) for c in walk.uses(value)[1])]
+        if not dropped:
+            return
+        for node in dropped:
+            del values[node]
 
 
 def _can_add_in_place(gm: fx.GraphModule, norm: fx.Node) -> bool:
@@ -236,23 +315,11 @@ def _single_relu_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[
     return relu if isinstance(rules.get(relu.target), (PassThroughRule, IdentityRule)) else None
 
 
-def _read_by_epsilon_layers(value: fx.Node, rules: Dict[str, PropagationRule], captured: Set[str]) -> bool:
-    """Whether every reader of ``value`` is an epsilon layer taking it positionally, without a capture."""
-    return bool(value.users) and all(
-        reader.op == "call_module"
-        and reader.target not in captured
-        and is_plain_epsilon(rules.get(reader.target))
-        and value in reader.args
-        and value not in reader.kwargs.values()
-        for reader in value.users
-    )
-
-
 def fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optional[Callable]:
     """The forward that ``fused`` asks of this module, if any."""
     if target in fused.relus:
         epsilon, in_place = fused.relus[target]
-        return lambda z: _ReluWithRatio.apply(z, epsilon, in_place)
+        return lambda z, inplace=False: _ReluWithRatio.apply(z, epsilon, in_place)  # ``Activation`` passes ``inplace``
     if target in fused.batch_norms:
         return lambda x: _BatchNormWithRatio.apply(x, module, fused.batch_norms[target])
     if target in fused.in_place_additions:

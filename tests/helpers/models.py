@@ -367,6 +367,33 @@ class BottleneckNet(nn.Module):
         return self.fc(out.flatten(1))
 
 
+class DenseBlockNet(nn.Module):
+    """A DenseNet block: each layer reads the concatenation of all features before it.
+
+    With ``input_in_concatenation`` the model's input is one of the
+    concatenated parts (a part whose relevance no layer's ratio gives).
+    """
+
+    def __init__(self, input_in_concatenation: bool = False) -> None:
+        super().__init__()
+        self.input_in_concatenation = input_in_concatenation
+        stem = 3 if input_in_concatenation else 0
+        self.conv0, self.norm0, self.relu0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.norm1, self.relu1, self.conv1 = nn.BatchNorm2d(stem + 4), nn.ReLU(), nn.Conv2d(stem + 4, 2, 3, padding=1)
+        self.norm2, self.relu2, self.conv2 = nn.BatchNorm2d(stem + 6), nn.ReLU(), nn.Conv2d(stem + 6, 2, 1)
+        self.norm3, self.relu3 = nn.BatchNorm2d(stem + 8), nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear((stem + 8) * 4 * 4, NUM_CLASSES)
+
+    def forward(self, x):
+        features = [x] if self.input_in_concatenation else []
+        features.append(self.relu0(self.norm0(self.conv0(x))))
+        features.append(self.conv1(self.relu1(self.norm1(torch.cat(features, 1)))))
+        features.append(self.conv2(self.relu2(self.norm2(torch.cat(features, 1)))))
+        out = self.pool(self.relu3(self.norm3(torch.cat(features, 1))))
+        return self.fc(out.flatten(1))
+
+
 class TwoLayerLinear(nn.Module):
     """``fc2(relu(fc1(x)))`` with given weights, for hand-computed relevances."""
 

@@ -19,6 +19,7 @@ from captum_graph.attr import LayerLRP, LRP
 from helpers.models import (
     TINY_MODELS,
     BottleneckNet,
+    DenseBlockNet,
     OffsetNet,
     ResidualNet,
     SequentialNet,
@@ -198,6 +199,29 @@ def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
     _close(ours_at_layer.attribute(x, target=1), theirs_at_layer.attribute(x.clone(), target=1))
 
 
+def _randomise_norms(model: nn.Module) -> None:
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+
+
+def _fused_plan(lrp: LRP, model: nn.Module):
+    from captum_graph.fusion import fused_ratios
+
+    gm = captum_graph.prepare(model).graph_module
+    by_name = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
+    rules = {n.target: by_name[n.meta.get("qualname", n.name)] for n in gm.graph.find_nodes(op="call_module")
+             if n.meta.get("qualname", n.name) in by_name}
+    return fused_ratios(gm, rules, set())
+
+
+def _all_epsilon(eps: float) -> dict:
+    return {kind: EpsilonRule(eps) for kind in (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear, captum_graph.modules.Addition)}
+
+
 def test_fused_ratios_on_a_residual_block_match_captum():
     """Every fused step of the engine on a ResNet block, against Captum's per-layer hooks.
 
@@ -205,26 +229,14 @@ def test_fused_ratios_on_a_residual_block_match_captum():
     taken at the wrong tensor would show. Captum is right here because its
     twin sums the residual with ``Addition_Module``.
     """
-    from captum_graph import prepare
-    from captum_graph.fusion import fused_ratios
-
     torch.manual_seed(3)
     ours, theirs = BottleneckNet().double().eval(), BottleneckNet(captum_addition=True).double().eval()
-    with torch.no_grad():
-        for norm in (ours.bn1, ours.bn2, ours.bn3):
-            norm.running_mean.uniform_(-0.5, 0.5)
-            norm.running_var.uniform_(0.5, 2.0)
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.5, 0.5)
+    _randomise_norms(ours)
     theirs.load_state_dict(ours.state_dict())
-    layers = ("conv1", "bn1", "conv2", "bn2", "add", "conv3", "bn3", "pool", "fc")
-    for name in layers:
+    for name in ("conv1", "bn1", "conv2", "bn2", "add", "conv3", "bn3", "pool", "fc"):
         getattr(theirs, name).rule = EpsilonRule(0.5)
-    lrp = LRP(ours, rules={nn.Conv2d: EpsilonRule(0.5), nn.BatchNorm2d: EpsilonRule(0.5), nn.AvgPool2d: EpsilonRule(0.5),
-                           nn.Linear: EpsilonRule(0.5), captum_graph.modules.Addition: EpsilonRule(0.5)})
-    gm = prepare(ours).graph_module
-    rules = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
-    fused = fused_ratios(gm, {n.target: rules[n.meta.get("qualname", n.name)] for n in gm.graph.find_nodes(op="call_module") if n.meta.get("qualname", n.name) in rules}, set())
+    lrp = LRP(ours, rules=_all_epsilon(0.5))
+    fused = _fused_plan(lrp, ours)
     assert fused.before_relu == {"bn1", "add"} and set(fused.relus) == {"relu1", "relu2"}
     assert set(fused.batch_norms) == {"bn2", "bn3"} and len(fused.in_place_additions) == 1
     assert {"conv1", "conv2", "conv3"} <= set(fused.at_output), "a convolution's ratio is not fused with its batch norm"
@@ -233,6 +245,42 @@ def test_fused_ratios_on_a_residual_block_match_captum():
     expected = ca.LRP(theirs).attribute(x, target=TARGETS["list"])
     _close(lrp.attribute(x, target=TARGETS["list"]), expected)
     _close(lrp.attribute(x, target=TARGETS["list"]), expected)  # the fused forwards were put back
+
+
+@pytest.mark.parametrize("input_in_concatenation", [False, True], ids=["features-only", "input-concatenated"])
+def test_fused_ratios_through_concatenations(input_in_concatenation, monkeypatch):
+    """Ratios fused across DenseNet's concatenations; a concatenation with an unfused part keeps the plain order.
+
+    Checked against the engine with fusion switched off and, where the input
+    is not concatenated, against Captum (whose tensor hook on the input would
+    multiply the relevance arriving through the concatenation a second time).
+    """
+    from captum_graph import engine
+    from captum_graph.fusion import FusedRatios
+
+    torch.manual_seed(4)
+    ours = DenseBlockNet(input_in_concatenation).double().eval()
+    _randomise_norms(ours)
+    lrp = LRP(ours, rules=_all_epsilon(0.5))
+    fused = _fused_plan(lrp, ours)
+    if input_in_concatenation:  # every feature reaches a concatenation holding the input
+        assert not {"conv1", "conv2", "norm0"} & (set(fused.at_output) | fused.before_relu)
+        assert not {"norm1", "norm2", "norm3"} & set(fused.ratio_args)
+    else:
+        assert {"conv1", "conv2"} <= set(fused.at_output) and "norm0" in fused.before_relu
+        assert all(fused.ratio_args[norm] == {0} for norm in ("norm1", "norm2", "norm3"))
+
+    x = 3 * example_input(BATCH)
+    found = lrp.attribute(x, target=TARGETS["list"])
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "fused_ratios", lambda *args: FusedRatios())
+        _close(found, lrp.attribute(x, target=TARGETS["list"]))
+    if not input_in_concatenation:
+        theirs = copy.deepcopy(ours)
+        for module in theirs.modules():
+            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.Linear)):
+                module.rule = EpsilonRule(0.5)
+        _close(found, ca.LRP(theirs).attribute(x, target=TARGETS["list"]))
 
 
 def test_layer_subclass_output_is_never_overwritten():
