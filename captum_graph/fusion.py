@@ -150,6 +150,7 @@ def _ratio_times_value(grad: Tensor, value: Tensor, epsilon: float, non_negative
 
 
 def is_plain_epsilon(rule: PropagationRule) -> bool:
+    """Whether ``rule`` is Captum's epsilon rule as written (no subclass changing weights or hooks)."""
     cls = type(rule)
     return (
         isinstance(rule, EpsilonRule)
