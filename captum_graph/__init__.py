@@ -1,10 +1,11 @@
 """Graph-aware LRP and layer attribution for Captum."""
 from .architecture import ModelArchitecture, NodeInfo
-from .errors import CaptumGraphError, LayerResolutionError, TracingError, UnsupportedOperationError
+from .errors import CaptumGraphError, CaptureError, LayerResolutionError, TracingError, UnsupportedOperationError
 from .extract import ActivationExtractor
 from .prepare import prepare
+from .passes import register_leaf_module
 from .rules import register_rule
-from .tracing import register_leaf_function, register_leaf_module, trace
+
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,5 @@ __all__ = [
     "prepare",
     "register_rule",
     "register_leaf_module",
-    "register_leaf_function",
-    "trace",
+    "CaptureError",
 ]

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .tracing import trace
+
 
 __all__ = ["ModelArchitecture", "NodeInfo"]
 
@@ -121,7 +121,7 @@ class ModelArchitecture:
 
         >>> arch = ModelArchitecture.from_model(torchvision.models.resnet18())
         >>> arch.get_node("layer1.0.add")
-        NodeInfo(opcode='call_function', name='add', target='operator.add')
+        NodeInfo(opcode='call_module', name='layer1_0_add', target='layer1.0.add')
     """
 
     def __init__(self, graph: fx.Graph, model: Optional[nn.Module] = None) -> None:
@@ -135,16 +135,16 @@ class ModelArchitecture:
         self._names: Tuple[int, Dict[str, fx.Node]] = (-1, {})
 
     @classmethod
-    def from_model(cls, model: nn.Module, example_inputs: Optional[Sequence[torch.Tensor]] = None, **trace_kwargs: Any) -> "ModelArchitecture":
-        """Trace ``model`` (see :func:`captum_graph.tracing.trace`) and wrap its graph.
+    def from_model(cls, model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, fold_batch_norm: bool = False) -> "ModelArchitecture":
+        """Capture ``model`` at ``example_inputs`` and view its rewritten graph (see :func:`captum_graph.prepare`).
 
-        ``example_inputs``, if given, are used to record every node's output
-        shape; otherwise shapes are inferred on demand from a default input.
+        ``example_inputs`` are the positional arguments of a call; by default
+        one random image for the model's first convolution. Every node then
+        has its real output shape.
         """
-        architecture = cls(trace(model, **trace_kwargs).graph, model)
-        if example_inputs is not None:
-            architecture.propagate_shapes(example_inputs)
-        return architecture
+        from .prepare import prepare
+
+        return prepare(model, example_inputs, fold_batch_norm).architecture(model)
 
     # -- nodes ------------------------------------------------------------
     def list_nodes(self) -> List[NodeInfo]:
@@ -248,9 +248,10 @@ class ModelArchitecture:
         only the class token reaches the head after the last attention, so the
         answer is the last attention's input.
         """
-        from .shapes import default_example_inputs, token_gradients
+        from .prepare import default_example_inputs
+        from .shapes import token_gradients
 
-        example = self.example_inputs or default_example_inputs(self.root, self.model)
+        example = self.example_inputs or default_example_inputs(self.model)
         if example is None:
             return None
         reaching = token_gradients(self.root, example)
@@ -270,11 +271,9 @@ class ModelArchitecture:
     def _ensure_shapes(self) -> None:
         if any("tensor_meta" in node.meta for node in self.graph.nodes):
             return
-        from .shapes import default_example_inputs
+        from .prepare import default_example_inputs
 
-        example = default_example_inputs(self.root, self.model)
-        if example is not None:
-            self.propagate_shapes(example)
+        self.propagate_shapes(self.example_inputs or default_example_inputs(self.model))
 
     # -- helpers ------------------------------------------------------------
     def module_at(self, path: str) -> nn.Module:
@@ -386,11 +385,15 @@ def _is_feature_map(node: fx.Node) -> bool:
     return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
 
 
-_POOLING_FUNCTIONS = (torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d, torch.adaptive_avg_pool1d)
+_ADAPTIVE_POOLS = frozenset({torch.ops.aten.adaptive_avg_pool2d, torch.ops.aten.adaptive_max_pool2d})
 
 
 def _is_pooling(node: fx.Node) -> bool:
+    """Adaptive pooling to a fixed grid, as a module, a rewritten function or an ATen call."""
+    target = node.target
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(node.target)
-        return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
-    return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
+        if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            return True
+        target = getattr(module, "fn", None)
+    return getattr(target, "overloadpacket", None) in _ADAPTIVE_POOLS

@@ -1,8 +1,10 @@
 """Exceptions and the node description every error message is built from."""
 import functools
 import os
+import traceback
 from typing import Optional, Type
 
+import torch
 import torch.fx as fx
 
 
@@ -11,11 +13,15 @@ class CaptumGraphError(Exception):
 
 
 class TracingError(CaptumGraphError):
-    """The model could not be traced with torch.fx.
+    """The model's graph could not be captured.
 
-    Raised as a subclass of both this class and the exception the tracer raised,
-    so ``except TypeError`` written for the original error keeps working.
+    Raised as a subclass of both this class and the exception the capture
+    raised, so ``except TypeError`` written for the original error keeps working.
     """
+
+
+class CaptureError(TracingError):
+    """``torch.export`` could not capture the model at the call's inputs."""
 
 
 class UnsupportedOperationError(CaptumGraphError, TypeError):
@@ -31,14 +37,30 @@ class LayerResolutionError(CaptumGraphError, ValueError):
 
 
 @functools.lru_cache(maxsize=None)
-def tracing_error_class(original: Type[BaseException]) -> Type[TracingError]:
-    """A ``TracingError`` subclass that is also an instance of ``original``."""
-    if issubclass(original, TracingError) or not issubclass(original, Exception):
-        return TracingError
+def error_class(base: Type[CaptumGraphError], original: Type[BaseException]) -> Type[CaptumGraphError]:
+    """A subclass of ``base`` that is also an instance of ``original``."""
+    if issubclass(original, CaptumGraphError) or not issubclass(original, Exception):
+        return base
     try:
-        return type("TracingError", (TracingError, original), {})
+        return type(base.__name__, (base, original), {})
     except TypeError:  # layouts that cannot be combined, e.g. some C extensions
-        return TracingError
+        return base
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _is_internal(filename: str) -> bool:
+    return filename.startswith(_INTERNAL_DIRS) or filename.startswith("<") or "/contextlib.py" in filename
+
+
+def user_frame(error: BaseException) -> Optional[str]:
+    """The innermost traceback frame outside torch and captum_graph, as ``file:line: code``."""
+    found = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if not _is_internal(frame.filename):
+            found = f"{os.path.basename(frame.filename)}:{frame.lineno}: {frame.line}"
+    return found
 
 
 def source_line(node: fx.Node) -> Optional[str]:
@@ -47,16 +69,18 @@ def source_line(node: fx.Node) -> Optional[str]:
     if not trace:
         return None
     lines = [line.strip() for line in trace.strip().splitlines()]
-    # fx writes frames as 'File "path", line N, in fn' followed by the code line;
-    # the last frame is the innermost, i.e. where the operation was written.
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            parts = lines[i].split('"')
+    # Frames read 'File "path", line N, in fn' followed by the code line; the
+    # innermost frame outside torch and captum_graph is where the user wrote it.
+    innermost = user = None
+    for i, line in enumerate(lines):
+        if line.startswith("File "):
+            parts = line.split('"')
             path = parts[1] if len(parts) > 1 else "?"
-            lineno = lines[i].split("line ")[-1].split(",")[0]
+            lineno = line.split("line ")[-1].split(",")[0]
             code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{os.path.basename(path)}:{lineno}: {code}"
-    return None
+            innermost = f"{os.path.basename(path)}:{lineno}: {code}"
+            user = user if _is_internal(path) else innermost
+    return user or innermost
 
 
 def describe_node(node: fx.Node) -> str:

@@ -1,11 +1,12 @@
 """The model's output together with the activations of named layers, in one pass."""
+import weakref
 from typing import Any, Dict, Sequence, Tuple
 
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .layers import LayerSpec, resolve_layer
-from .prepare import prepare
+from .layers import LayerSpec, check_layer_spec, resolve_layer
+from .prepare import PreparedModel, prepare
 
 __all__ = ["ActivationExtractor"]
 
@@ -33,17 +34,26 @@ class ActivationExtractor(nn.Module):
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerSpec]) -> None:
         super().__init__()
-        prepared = prepare(model)
         names = [_key(model, layer) for layer in layers]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"layers named more than once: {', '.join(duplicates)}")
-        nodes = [resolve_layer(model, prepared, layer) for layer in layers]
+        for layer in layers:
+            check_layer_spec(model, layer)
         self.layer_names = names
-        self.graph_module = _with_extra_outputs(prepared.graph_module, dict(zip(names, nodes)))
+        self._model = [model]  # not a submodule: the extractor owns no parameters of its own
+        self._layers = list(layers)
+        self._graphs: "weakref.WeakKeyDictionary[PreparedModel, fx.GraphModule]" = weakref.WeakKeyDictionary()
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tuple[Any, Dict[str, Tensor]]:
-        return self.graph_module(*args, **kwargs)
+    def forward(self, *args: Any) -> Tuple[Any, Dict[str, Tensor]]:
+        model = self._model[0]
+        prepared = prepare(model, args)
+        graph_module = self._graphs.get(prepared)
+        if graph_module is None:
+            nodes = [resolve_layer(model, prepared, layer) for layer in self._layers]
+            graph_module = _with_extra_outputs(prepared.graph_module, dict(zip(self.layer_names, nodes)))
+            self._graphs[prepared] = graph_module
+        return graph_module(*args)
 
 
 def _key(model: nn.Module, layer: LayerSpec) -> str:

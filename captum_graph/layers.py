@@ -8,7 +8,7 @@ from torch import nn
 from .errors import LayerResolutionError
 from .prepare import PreparedModel
 
-__all__ = ["resolve_layer", "LayerSpec"]
+__all__ = ["resolve_layer", "check_layer_spec", "LayerSpec"]
 
 LayerSpec = Union[str, nn.Module]
 
@@ -43,6 +43,14 @@ def resolve_layer(model: nn.Module, prepared: PreparedModel, layer: LayerSpec) -
         "Module names come from model.named_modules(); node names from "
         "captum_graph.ModelArchitecture.from_model(model).list_nodes()."
     )
+
+
+def check_layer_spec(model: nn.Module, layer: LayerSpec) -> None:
+    """Raise for a layer that is neither a name nor a submodule of ``model`` (no graph needed)."""
+    if isinstance(layer, nn.Module):
+        _module_name(model, layer)
+    elif not isinstance(layer, str):
+        raise LayerResolutionError(f"layer must be an nn.Module or a name, got {type(layer).__name__}")
 
 
 def _nodes_by_name(graph: fx.Graph) -> Dict[str, fx.Node]:

@@ -3,43 +3,19 @@
 Under LRP a normalisation's standard deviation and an attention's
 probabilities are constants (CP-LRP, Ali et al. 2022; LXT's identity rule), so
 the layer is linear in its input and the epsilon rule applies to it. These
-forwards detach exactly those factors; the values are unchanged.
+forwards detach exactly those factors; the values are unchanged up to rounding.
 """
 import math
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-
-from torch.overrides import TorchFunctionMode
-from torchvision.models.swin_transformer import shifted_window_attention
 
 from . import modules as M
 
-__all__ = ["linearized_forward", "layer_norm", "group_norm", "ConstantSoftmax"]
+__all__ = ["linearized_forward", "layer_norm", "group_norm", "rms_norm", "attention"]
 
-_SOFTMAXES = (F.softmax, torch.softmax, Tensor.softmax)
-
-
-class ConstantSoftmax(TorchFunctionMode):
-    """Within this mode every softmax result is detached: attention probabilities are constants.
-
-    This linearises attention written as opaque functions (torchvision's
-    ``shifted_window_attention``) without re-implementing them.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        return result.detach() if func in _SOFTMAXES else result
-
-
-def _with_constant_softmax(function: Callable) -> Callable:
-    def linearized(*args, **kwargs):
-        with ConstantSoftmax():
-            return function(*args, **kwargs)
-
-    return linearized
+aten = torch.ops.aten
 
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -65,62 +41,56 @@ def group_norm(x: Tensor, num_groups: int, weight=None, bias=None, eps: float = 
     return y + bias.reshape(shape) if bias is not None else y
 
 
-def _layer_norm_module(module: nn.LayerNorm, x: Tensor) -> Tensor:
-    return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight=None, eps: Optional[float] = None) -> Tensor:
+    """``F.rms_norm`` with the root mean square held constant."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps).detach()
+    return y * weight if weight is not None else y
 
 
-def _group_norm_module(module: nn.GroupNorm, x: Tensor) -> Tensor:
-    return group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
-
-
-def _multihead_attention(module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask=None, need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
-    """``nn.MultiheadAttention`` with the attention probabilities held constant."""
-    if not module._qkv_same_embed_dim or module.bias_k is not None or key_padding_mask is not None:
-        raise NotImplementedError("linearised attention supports packed projections without bias_k / masks")
-    w_q, w_k, w_v = module.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
-    # Project in the layout the inputs come in: on a transposed view F.linear multiplies
-    # batched copies of the weight (bmm), several times slower than one matrix product.
-    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    if module.batch_first:
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-    length, batch, embed = q.shape
-    heads, head_dim = module.num_heads, embed // module.num_heads
-
-    def split(t: Tensor) -> Tensor:  # (L, N, E) -> (N*H, L, D)
-        return t.reshape(t.shape[0], batch * heads, head_dim).transpose(0, 1)
-
-    q, k, v = split(q), split(k), split(v)
-    scores = q @ k.transpose(1, 2) / math.sqrt(head_dim)
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` (without dropout) with the probabilities held constant."""
+    if dropout_p:
+        raise NotImplementedError("attention dropout is random: explain the model in eval mode")
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeats = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
-        scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(attn_mask, float("-inf"))
-    probabilities = scores.softmax(-1).detach()
-    out = (probabilities @ v).transpose(0, 1).reshape(length, batch, embed)
-    out = module.out_proj(out)
-    if module.batch_first:
-        out = out.transpose(0, 1)
-    weights = probabilities.reshape(batch, heads, length, -1)
-    if need_weights:
-        return out, weights.mean(1) if average_attn_weights else weights
-    return out, None
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1).detach() @ value
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def _group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return group_norm(x, num_groups, weight, bias, eps)
 
 
 _MODULE_FORWARDS = {
-    nn.LayerNorm: _layer_norm_module,
-    nn.GroupNorm: _group_norm_module,
-    nn.MultiheadAttention: _multihead_attention,
+    nn.LayerNorm: lambda module, x: layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps),
+    nn.GroupNorm: lambda module, x: group_norm(x, module.num_groups, module.weight, module.bias, module.eps),
+    nn.RMSNorm: lambda module, x: rms_norm(x, module.normalized_shape, module.weight, module.eps),
 }
 _FUNCTIONS = {
-    F.layer_norm: layer_norm,
-    F.group_norm: group_norm,
-    shifted_window_attention: _with_constant_softmax(shifted_window_attention),
+    aten.layer_norm: _layer_norm,
+    aten.group_norm: _group_norm,
+    aten.rms_norm: rms_norm,
+    aten.scaled_dot_product_attention: attention,
 }
 
 
 def linearized_forward(module: nn.Module) -> Optional[Callable]:
     """The linearised forward of ``module``, bound to it, or ``None`` if it is already linear."""
     if isinstance(module, M.Function):
-        return _FUNCTIONS.get(module.fn)  # Function.forward adds its own keyword arguments
+        return _FUNCTIONS.get(getattr(module.fn, "overloadpacket", None))  # Function.forward adds its keyword arguments
     for module_type, forward in _MODULE_FORWARDS.items():
         if isinstance(module, module_type):
             return lambda *args, **kwargs: forward(module, *args, **kwargs)

@@ -23,6 +23,7 @@ __all__ = [
     "Product",
     "Softmax",
     "AttentionMatmul",
+    "Attention",
     "Matmul",
     "TokensToGrid",
     "GridToTokens",
@@ -60,7 +61,9 @@ class Subtraction(nn.Module):
 
 
 class Scale(nn.Module):
-    """``x * c`` or ``x / c`` for a constant ``c``: relevance passes unchanged to ``x``."""
+    """``x * c`` or ``x / c`` for a constant or normalising factor ``c``: relevance passes unchanged to ``x``."""
+
+    constant_inputs = (1,)  # relevance never enters the factor
 
     def __init__(self, divide: bool = False) -> None:
         super().__init__()
@@ -130,6 +133,8 @@ class Gate(nn.Module):
     All relevance goes to the signal (squeeze-excitation, gated units).
     """
 
+    constant_inputs = (1,)
+
     def forward(self, signal: Tensor, gate: Tensor) -> Tensor:
         return signal * gate
 
@@ -148,6 +153,8 @@ class Product(nn.Module):
 class Softmax(Function):
     """A softmax: under LRP its output (attention probabilities) is a constant."""
 
+    constant_inputs = "all"
+
 
 class AttentionMatmul(Function):
     """A product (``matmul``, ``einsum``) of attention probabilities and values.
@@ -155,6 +162,16 @@ class AttentionMatmul(Function):
     The probabilities are constants (CP-LRP): relevance flows to the values
     only, by the epsilon rule.
     """
+
+
+class Attention(Function):
+    """``scaled_dot_product_attention(q, k, v, ...)``: the probabilities are constants (CP-LRP).
+
+    Relevance flows to the values only, by the epsilon rule; queries, keys and
+    the mask receive none.
+    """
+
+    constant_inputs = (0, 1, 3)
 
 
 class Matmul(Function):

@@ -1,33 +1,40 @@
-"""Rewrite passes: each takes a GraphModule, rewrites it in place, says if it changed.
+"""Rewrite passes over captured ATen graphs: each rewrites a GraphModule in place, says if it changed.
 
 Every pass keeps the outputs of the graph unchanged, carries the replaced
 node's ``meta`` (qualified name, stack trace, module stack) to its replacement,
-and changes nothing when run a second time.
+and changes nothing when run a second time. The op tables are keyed by ATen
+operator (``aten.add`` stands for all its overloads), so ``x + y``,
+``torch.add`` and ``x.add_(y)`` in the user's code are one pattern here.
 """
+import inspect
 import operator
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torchvision.models.swin_transformer import _patch_merging_pad, shifted_window_attention
-from torchvision.ops import stochastic_depth
 
 from . import modules as M
 from .cloning import private_copy
 
 __all__ = [
+    "register_leaf_module",
+    "registered_leaf_modules",
+    "remove_inplace",
+    "is_torch_layer",
+    "takes_one_tensor",
+    "calls_to_modules",
+    "qualify_names",
     "fold_batch_norms",
     "unshare_modules",
-    "remove_inplace",
     "functional_to_modules",
-    "DATA_MOVEMENT_FUNCTIONS",
-    "DATA_MOVEMENT_METHODS",
+    "DATA_MOVEMENT",
+    "moves_data",
     "input_dependent_nodes",
+    "relevance_carrying_nodes",
 ]
 
-Pattern = Tuple[str, Any]  # (op, target)
+aten = torch.ops.aten
 
 
 def _finish(gm: fx.GraphModule, changed: bool) -> bool:
@@ -38,11 +45,35 @@ def _finish(gm: fx.GraphModule, changed: bool) -> bool:
     return changed
 
 
-def input_dependent_nodes(graph: fx.Graph) -> Set[fx.Node]:
-    """Nodes whose value depends on a graph input (they carry relevance).
+def _packet(node: fx.Node) -> Any:
+    """The ATen operator of a node (``aten.add`` for ``aten.add_.Tensor``), else its target."""
+    target = node.target
+    return getattr(target, "overloadpacket", target) if node.op == "call_function" else None
 
-    Shapes, sizes and dtypes of tensors (``x.shape``, ``x.size(1)``) and what
-    is computed from them alone carry no relevance and are left out.
+
+# ---------------------------------------------------------------------------
+# which nodes carry relevance
+# ---------------------------------------------------------------------------
+# Operators whose value does not depend on their tensor inputs' values.
+_METADATA = frozenset({
+    aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset, aten.new_zeros,
+    aten.new_ones, aten.new_empty, aten.new_full, aten.zeros_like, aten.ones_like, aten.empty_like,
+    aten.full_like, aten.scalar_tensor, aten.arange,
+})
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if _packet(node) in _METADATA:
+        return True
+    value = node.meta.get("val")
+    return value is not None and not isinstance(value, (torch.Tensor, tuple, list))  # sizes, SymInts
+
+
+def input_dependent_nodes(graph: fx.Graph) -> Set[fx.Node]:
+    """Nodes whose value depends on a graph input's values.
+
+    Shapes and sizes (``aten.sym_size``), tensors made from them alone
+    (``new_zeros``) and what is computed from those carry no relevance.
     """
     reached: Set[fx.Node] = set()
     for node in graph.nodes:
@@ -53,14 +84,285 @@ def input_dependent_nodes(graph: fx.Graph) -> Set[fx.Node]:
     return reached
 
 
-_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
-_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "get_device", "is_contiguous", "nelement"}
+def relevance_carrying_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
+    """Input-dependent nodes that relevance reaches from the output.
+
+    Relevance does not enter a module's ``constant_inputs`` (a gate, a
+    normalising factor, attention scores before a constant softmax), so what
+    only feeds those needs no rule.
+    """
+    dependent = input_dependent_nodes(gm.graph)
+    reached: Set[fx.Node] = set()
+    frontier = [n for n in gm.graph.find_nodes(op="output")]
+    while frontier:
+        node = frontier.pop()
+        for arg in _relevance_inputs(gm, node):
+            if arg in dependent and arg not in reached:
+                reached.add(arg)
+                frontier.append(arg)
+    return reached
 
 
-def _reads_metadata(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
-    return node.op == "call_method" and node.target in _METADATA_METHODS
+def _relevance_inputs(gm: fx.GraphModule, node: fx.Node) -> List[fx.Node]:
+    constant = getattr(gm.get_submodule(node.target), "constant_inputs", ()) if node.op == "call_module" else ()
+    if constant == "all":
+        return []
+    return [arg for i, arg in enumerate(node.args) if isinstance(arg, fx.Node) and i not in constant] + [
+        arg for arg in node.all_input_nodes if arg not in node.args
+    ]
+
+
+# ---------------------------------------------------------------------------
+# remove_inplace
+# ---------------------------------------------------------------------------
+# Operators returning a view of their first argument (a write to one is a write to the other).
+VIEWS = frozenset({
+    aten.view, aten._unsafe_view, aten.reshape, aten.slice, aten.select, aten.transpose, aten.permute,
+    aten.unsqueeze, aten.squeeze, aten.expand, aten.as_strided, aten.t, aten.narrow, aten.diagonal,
+    aten.alias, aten.unflatten, aten.flatten, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+    aten.view_as, aten.expand_as, aten.swapaxes, aten.movedim, aten.detach, aten.contiguous,
+})
+
+
+def remove_inplace(gm: fx.GraphModule) -> bool:
+    """Make in-place ATen operations out-of-place (``aten.relu_`` -> ``aten.relu``).
+
+    Later readers of the mutated tensor read the new node. An in-place
+    operation on a view whose base (or another view of it) is read later
+    stays as it is, marked ``meta["inplace_on_view"]``: harmless where no
+    relevance flows (masks), an error at rule assignment where it does.
+    Idempotent.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        functional = _out_of_place(node)
+        if functional is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        mutated = node.args[0]
+        if _aliases_read_later(node, mutated):
+            node.meta["inplace_on_view"] = True
+            continue
+        node.target = functional
+        _redirect_later_readers(node, mutated)
+        changed = True
+    return _finish(gm, changed)
+
+
+def _out_of_place(node: fx.Node) -> Optional[Any]:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    name = node.target._schema.name.split("::")[-1]
+    arguments = node.target._schema.arguments
+    if not name.endswith("_") or name.startswith("_") or not arguments or arguments[0].alias_info is None:
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, node.target._overloadname, None) if packet is not None else None
+
+
+def _aliases_read_later(node: fx.Node, mutated: fx.Node) -> bool:
+    """Whether a tensor sharing memory with ``mutated`` (its base, other views) is read after ``node``."""
+    base = mutated
+    while base.op == "call_function" and _packet(base) in VIEWS or base.target is operator.getitem:
+        base = base.args[0]
+    if base is mutated:
+        return False
+    aliases, frontier = {base}, [base]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in aliases and (_packet(user) in VIEWS or user.target is operator.getitem):
+                aliases.add(user)
+                frontier.append(user)
+    aliases.discard(mutated)
+    later = False
+    for candidate in node.graph.nodes:
+        if candidate is node:
+            later = True
+        elif later and any(arg in aliases for arg in candidate.all_input_nodes):
+            return True
+    return False
+
+
+def _redirect_later_readers(node: fx.Node, mutated: fx.Node) -> None:
+    later = False
+    for candidate in node.graph.nodes:
+        if candidate is node:
+            later = True
+            continue
+        if later and mutated in candidate.all_input_nodes:
+            candidate.replace_input_with(mutated, node)
+
+
+# ---------------------------------------------------------------------------
+# calls_to_modules
+# ---------------------------------------------------------------------------
+_LEAF_MODULES: Set[Type[nn.Module]] = set()
+
+
+def register_leaf_module(module_class: Type[nn.Module]) -> Type[nn.Module]:
+    """Keep each call of a ``module_class`` instance as one node of the graph.
+
+    Usable as a class decorator. The module must take one tensor and return
+    one; it needs a relevance rule (:func:`captum_graph.register_rule`) unless
+    one of its base classes has one.
+    """
+    _LEAF_MODULES.add(module_class)
+    return module_class
+
+
+def registered_leaf_modules() -> Tuple[Type[nn.Module], ...]:
+    """The module classes registered with :func:`register_leaf_module`."""
+    return tuple(_LEAF_MODULES)
+
+
+_TORCH_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def is_torch_layer(module: nn.Module) -> bool:
+    """A torch.nn layer, or a subclass that keeps its ``forward`` (``class MyConv(nn.Conv2d)``).
+
+    A subclass with a ``forward`` of its own (timm's ``BatchNormAct2d``) is not:
+    what it computes is read from its operations instead.
+    """
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn.modules") and cls not in _TORCH_CONTAINERS:
+            return type(module).forward is cls.forward
+    return False
+
+
+def takes_one_tensor(module: nn.Module) -> bool:
+    """Whether ``module.forward`` has exactly one required positional argument."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1
+
+
+def calls_to_modules(gm: fx.GraphModule, model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> bool:
+    """Turn each call of a leaf module of ``model`` back into one ``call_module`` node.
+
+    Matches the operations recorded inside one call of a module (by
+    ``nn_module_stack``) for which ``is_leaf`` holds and that take one tensor
+    from outside and give one tensor back; outermost calls first. They are
+    replaced by a call of ``model``'s module at its path (a private copy with
+    ``inplace=False`` where the module works in place). Idempotent: a
+    ``call_module`` node is never matched.
+    """
+    changed = False
+    for key, path in _module_calls(gm.graph):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if not is_leaf(module):
+            continue
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and key in (n.meta.get("nn_module_stack") or {})]
+        boundary = _single_boundary(nodes)
+        if boundary is None:
+            continue
+        if getattr(module, "inplace", False) is True:
+            module = private_copy(module)
+            module.inplace = False
+        source, result = boundary
+        gm.add_submodule(path, module)
+        with gm.graph.inserting_before(result):
+            call = gm.graph.call_module(path, (source,))
+        call.meta = {**result.meta, "nn_module_stack": _stack_up_to(result, key)}
+        result.replace_all_uses_with(call)
+        for node in reversed(nodes):
+            gm.graph.erase_node(node)
+        changed = True
+    _erase_unused_attributes(gm)
+    return _finish(gm, changed)
+
+
+def _module_calls(graph: fx.Graph) -> List[Tuple[str, str]]:
+    """Every ``(stack key, module path)`` in the graph, outermost calls first."""
+    calls: Dict[str, Tuple[int, str]] = {}
+    for node in graph.nodes:
+        for depth, (key, (path, _)) in enumerate((node.meta.get("nn_module_stack") or {}).items()):
+            calls.setdefault(key, (depth, path))
+    return [(key, path) for key, (_, path) in sorted(calls.items(), key=lambda item: item[1][0])]
+
+
+def _single_boundary(nodes: List[fx.Node]) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """``(input, output)`` if ``nodes`` read one outside tensor and one of them is read outside."""
+    if not nodes:
+        return None
+    inside = set(nodes)
+    sources = {
+        arg for node in nodes for arg in node.all_input_nodes
+        if arg not in inside and arg.op != "get_attr" and not _reads_metadata(arg)
+    }
+    results = [node for node in nodes if any(user not in inside for user in node.users)]
+    if len(sources) != 1 or len(results) != 1 or not isinstance(results[0].meta.get("val"), torch.Tensor):
+        return None
+    return next(iter(sources)), results[0]
+
+
+def _stack_up_to(node: fx.Node, key: str) -> Dict[str, Any]:
+    stack = {}
+    for entry, value in (node.meta.get("nn_module_stack") or {}).items():
+        stack[entry] = value
+        if entry == key:
+            break
+    return stack
+
+
+def _erase_unused_attributes(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+# ---------------------------------------------------------------------------
+# qualify_names
+# ---------------------------------------------------------------------------
+def qualify_names(gm: fx.GraphModule) -> bool:
+    """Give every node a qualified name (``meta["qualname"]``) and an fx-style name.
+
+    A module call is named by the module's path (``layer1.0.relu``, a second
+    call ``layer1.0.relu_1``); an operation by the innermost module it ran in
+    plus the operator (``layer1.0.add``), or by the operator alone at top
+    level. ``meta["original_name"]`` numbers each operator over the graph as
+    ``torch.fx`` does (``add``, ``add_1``, ...). Idempotent.
+    """
+    used: Dict[str, int] = {}
+    numbered: Dict[str, int] = {}
+    changed = False
+    for node in gm.graph.nodes:
+        if "qualname" in node.meta:
+            used[node.meta["qualname"]] = used.get(node.meta["qualname"], 0) + 1
+            continue
+        base = _base_name(node)
+        count = numbered.get(base, 0)
+        numbered[base] = count + 1
+        node.meta["original_name"] = base if count == 0 else f"{base}_{count}"
+        if node.op == "call_module":
+            wanted = str(node.target)
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = list(stack.values())[-1][0] if stack else ""
+            wanted = f"{owner}.{base}" if owner and node.op not in ("placeholder", "output", "get_attr") else node.meta["original_name"]
+        if node.op in ("placeholder", "output", "get_attr"):
+            wanted = node.name
+        count = used.get(wanted, 0)
+        used[wanted] = count + 1
+        node.meta["qualname"] = wanted if count == 0 else f"{wanted}_{count}"
+        changed = True
+    return changed
+
+
+def _base_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target).replace(".", "_")
+    if node.op != "call_function":
+        return node.name
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target._schema.name.split("::")[-1]
+    return name.strip("_") or name
 
 
 # ---------------------------------------------------------------------------
@@ -155,143 +457,70 @@ def _folded(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> nn.Modul
 
 
 # ---------------------------------------------------------------------------
-# remove_inplace
-# ---------------------------------------------------------------------------
-_INPLACE_FUNCTIONS: Dict[Callable, Callable] = {
-    torch.relu_: torch.relu,
-    F.relu_: F.relu,
-    torch.sigmoid_: torch.sigmoid,
-    torch.tanh_: torch.tanh,
-    operator.iadd: operator.add,
-    operator.isub: operator.sub,
-    operator.imul: operator.mul,
-    operator.itruediv: operator.truediv,
-}
-
-
-def remove_inplace(gm: fx.GraphModule) -> bool:
-    """Make every in-place operation out-of-place.
-
-    Matches modules with ``inplace=True`` (replaced by a private copy with
-    ``inplace=False``: the user's module keeps its flag), ``inplace=True``
-    keyword arguments, in-place functions
-    (``torch.relu_``, ``operator.iadd``) and in-place methods (``x.add_(y)``).
-    Later readers of a tensor that was modified in place read the new node.
-    Idempotent.
-    """
-    changed = False
-    for node in gm.graph.find_nodes(op="call_module"):
-        module = gm.get_submodule(node.target)
-        if getattr(module, "inplace", False) is True:
-            copy = private_copy(module)
-            copy.inplace = False
-            gm.add_submodule(node.target, copy)
-            if node.args and isinstance(node.args[0], fx.Node):
-                _redirect_later_readers(node, node.args[0])
-            changed = True
-    for node in list(gm.graph.nodes):
-        mutated = _make_out_of_place(node)
-        if mutated is not None:
-            _redirect_later_readers(node, mutated)
-            changed = True
-    return _finish(gm, changed)
-
-
-def _make_out_of_place(node: fx.Node) -> Optional[fx.Node]:
-    """Rewrite ``node`` out of place; return the tensor it used to modify, if any."""
-    if node.kwargs.get("inplace") is True:
-        node.kwargs = {**node.kwargs, "inplace": False}
-        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
-        node.target = _INPLACE_FUNCTIONS[node.target]
-        return node.args[0] if isinstance(node.args[0], fx.Node) else None
-    if node.op == "call_method" and _is_inplace_method(node.target):
-        node.target = node.target[:-1]
-        return node.args[0]
-    return None
-
-
-def _is_inplace_method(name: Any) -> bool:
-    return (
-        isinstance(name, str)
-        and name.endswith("_")
-        and not name.startswith("_")
-        and hasattr(torch.Tensor, name[:-1])
-    )
-
-
-def _redirect_later_readers(node: fx.Node, mutated: fx.Node) -> None:
-    later = False
-    for candidate in node.graph.nodes:
-        if candidate is node:
-            later = True
-            continue
-        if later and mutated in candidate.all_input_nodes:
-            candidate.replace_input_with(mutated, node)
-
-
-# ---------------------------------------------------------------------------
 # functional_to_modules
 # ---------------------------------------------------------------------------
-def _pattern(*targets: Any) -> List[Pattern]:
-    return [("call_method", t) if isinstance(t, str) else ("call_function", t) for t in targets]
-
-
-ADDITIONS = _pattern(operator.add, torch.add, "add")
-SUBTRACTIONS = _pattern(operator.sub, torch.sub, torch.subtract, "sub")
-PRODUCTS = _pattern(operator.mul, torch.mul, torch.multiply, "mul")
-DIVISIONS = _pattern(operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
-SOFTMAXES = _pattern(F.softmax, torch.softmax, "softmax")
-MATMULS = _pattern(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", torch.einsum)
-CONCATENATIONS = _pattern(torch.cat, torch.concat, torch.concatenate)
-STACKS = _pattern(torch.stack)
-
-ACTIVATIONS = _pattern(
-    F.relu, torch.relu, "relu", F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-    F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.hardtanh, torch.tanh, "tanh", F.tanh,
-    torch.sigmoid, "sigmoid", F.sigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout, "clamp", torch.clamp, "clip", torch.clip, stochastic_depth,
-)
-LINEAR_FUNCTIONS = _pattern(
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    torch.mean, "mean", torch.sum, "sum", F.linear, F.conv1d, F.conv2d, F.conv3d,
-    F.interpolate, F.batch_norm, torch.neg, "neg", operator.neg, F.layer_norm, F.group_norm,
-    shifted_window_attention,
-)
-
-DATA_MOVEMENT_FUNCTIONS = frozenset({
-    operator.getitem, getattr, torch.flatten, torch.reshape, torch.permute, torch.transpose,
-    torch.swapaxes, torch.squeeze, torch.unsqueeze, torch.split, torch.chunk, torch.unbind,
-    torch.roll, torch.flip, torch.narrow, torch.movedim, torch.moveaxis, F.pad, torch.t,
-    torch.tensor_split, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
-    torch.clone, F.channel_shuffle, torch.index_select,
-    _patch_merging_pad,  # torchvision swin: zero-pads H and W to even sizes
+ADDITIONS = frozenset({aten.add})
+SUBTRACTIONS = frozenset({aten.sub})
+PRODUCTS = frozenset({aten.mul})
+DIVISIONS = frozenset({aten.div})
+SOFTMAXES = frozenset({aten.softmax, aten._softmax, aten._safe_softmax})
+MATMULS = frozenset({aten.matmul, aten.bmm, aten.mm, aten.einsum})
+CONCATENATIONS = frozenset({aten.cat, aten.concat, aten.concatenate})
+STACKS = frozenset({aten.stack})
+ATTENTION = frozenset({aten.scaled_dot_product_attention})
+ACTIVATIONS = frozenset({
+    aten.relu, aten.relu6, aten.leaky_relu, aten.elu, aten.selu, aten.celu, aten.gelu, aten.silu,
+    aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.hardtanh, aten.tanh, aten.sigmoid,
+    aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout, aten.clamp,
+    aten.clamp_min, aten.clamp_max, aten.clip, aten.prelu, aten.glu, aten.log_sigmoid, aten.erf,
 })
-DATA_MOVEMENT_METHODS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "flatten", "permute", "transpose", "swapaxes",
-    "contiguous", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "split", "chunk",
-    "unbind", "unflatten", "narrow", "flip", "roll", "clone", "to", "type", "float", "double",
-    "half", "bfloat16", "t", "movedim", "moveaxis", "size", "dim", "numel", "tensor_split",
-    "index_select", "detach",
+LINEAR_FUNCTIONS = frozenset({
+    aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+    aten.convolution, aten.linear, aten.batch_norm, aten.layer_norm, aten.group_norm, aten.rms_norm,
+    aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices, aten.avg_pool1d,
+    aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d,
+    aten.adaptive_avg_pool3d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d, aten.adaptive_max_pool3d,
+    aten.mean, aten.sum, aten.neg, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+    aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
+    aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa, aten.amax, aten.max, aten.addcmul,
 })
+#: Operators that move relevance (data movement, casts, padding, selection): nothing created or lost.
+DATA_MOVEMENT = VIEWS | frozenset({
+    aten.clone, aten.roll, aten.flip, aten.pad, aten.constant_pad_nd, aten.reflection_pad1d,
+    aten.reflection_pad2d, aten.reflection_pad3d, aten.replication_pad1d, aten.replication_pad2d,
+    aten.replication_pad3d, aten._to_copy, aten.to, aten.type_as, aten.index_select, aten.index,
+    aten.gather, aten.take_along_dim, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
+    aten.native_channel_shuffle, aten.repeat, aten.tile, aten.repeat_interleave, aten.tensor_split,
+    aten.masked_fill, aten.where, aten.copy, aten.lift_fresh_copy, aten.im2col, aten.col2im,
+    aten.unfold, operator.getitem,
+}) - {aten.detach}
+
+# Operators at the root of a normalising factor (x / ||x||, x * rsqrt(mean(x^2) + eps)).
+_NORMS = frozenset({aten.sqrt, aten.rsqrt, aten.linalg_vector_norm, aten.norm, aten.std, aten.var, aten.frobenius_norm})
+# Between that root and the product: shape changes, an added epsilon, clamping, reciprocals.
+_NORM_STEPS = VIEWS | frozenset({aten.add, aten.clamp, aten.clamp_min, aten.reciprocal, aten.pow, aten._to_copy, aten.to, aten.type_as, aten.mul})
+
+
+def moves_data(node: fx.Node) -> bool:
+    """Whether ``node`` only moves, selects or casts values (see :data:`DATA_MOVEMENT`)."""
+    return node.op == "call_function" and _packet(node) in DATA_MOVEMENT
 
 
 def functional_to_modules(gm: fx.GraphModule) -> bool:
-    """Turn functional operations that matter for relevance into leaf modules.
+    """Turn ATen operations that matter for relevance into leaf modules.
 
-    Matches (by ``(op, target)`` tables): additions in every spelling
-    (``a + b``, ``torch.add(a, b, alpha=)``, ``a.add(b)``; chains of additions
-    stay one module per call site) -> :class:`Addition`; subtractions ->
-    :class:`Subtraction`; products and divisions by a constant ->
-    :class:`Scale`; ``cat``/``concat``/``stack`` -> :class:`Concatenate` /
-    :class:`Stack`; functional activations -> :class:`Activation`; pooling,
-    means, sums and other linear functions -> :class:`LinearFunction`. The new
-    module is registered under the node's qualified name (``layer1.0.add``).
-    Products of two input-dependent tensors become :class:`Gate` when one
-    factor comes from a sigmoid-like function, else :class:`Product`.
-    Idempotent: it matches functions only.
+    Matches, by ATen operator: additions (``aten.add`` with ``alpha``) ->
+    :class:`Addition`; subtractions -> :class:`Subtraction`; products and
+    divisions by a constant or by a normalising factor (a norm, ``rsqrt``
+    of a mean square) -> :class:`Scale`; products with a sigmoid-like gate ->
+    :class:`Gate`, of two other signals -> :class:`Product`; ``cat`` /
+    ``stack`` -> :class:`Concatenate` / :class:`Stack`; elementwise
+    activations -> :class:`Activation`; convolutions, pooling, norms, means,
+    interpolation and other linear functions -> :class:`LinearFunction`;
+    softmax -> :class:`Softmax`; attention (``scaled_dot_product_attention``)
+    -> :class:`Attention`; matrix products -> :class:`AttentionMatmul` or
+    :class:`Matmul`. The new module is registered under the node's qualified
+    name (``layer1.0.add``). Idempotent: it matches ``call_function`` nodes only.
     """
     dependent = input_dependent_nodes(gm.graph)
     changed = False
@@ -304,29 +533,31 @@ def functional_to_modules(gm: fx.GraphModule) -> bool:
 
 
 def _module_for(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple]]:
-    if node not in dependent or node.op not in ("call_function", "call_method"):
+    if node not in dependent or node.op != "call_function" or node.meta.get("inplace_on_view"):
         return None
-    key = (node.op, node.target)
-    if key in ADDITIONS:
+    op = _packet(node)
+    if op in ADDITIONS:
         return _addition(node)
-    if key in SUBTRACTIONS and len(node.args) == 2 and not node.kwargs:
+    if op in SUBTRACTIONS and len(node.args) == 2 and not node.kwargs:
         return M.Subtraction(), node.args
-    if key in PRODUCTS:
+    if op in PRODUCTS:
         return _scaling(node, dependent, divide=False) or _product(node)
-    if key in DIVISIONS:
+    if op in DIVISIONS and not node.kwargs:
         return _scaling(node, dependent, divide=True)
-    if key in SOFTMAXES:
+    if op in SOFTMAXES:
         return _function_module(M.Softmax, node)
-    if key in MATMULS:
+    if op in ATTENTION:
+        return _function_module(M.Attention, node)
+    if op in MATMULS:
         return _matmul(node, dependent)
-    if key in CONCATENATIONS:
+    if op in CONCATENATIONS:
         return _concatenation(node, M.Concatenate)
-    if key in STACKS:
+    if op in STACKS:
         return _concatenation(node, M.Stack)
-    if key in ACTIVATIONS:
+    if op in ACTIVATIONS:
         return _function_module(M.Activation, node)
-    if key in LINEAR_FUNCTIONS:
-        return _function_module(M.LinearFunction, node)
+    if op in LINEAR_FUNCTIONS:
+        return _linear_function(node, dependent)
     return None
 
 
@@ -340,14 +571,29 @@ def _scaling(node: fx.Node, dependent: Set[fx.Node], divide: bool) -> Optional[T
     if len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
-    if a in dependent and b not in dependent:
+    if a in dependent and (b not in dependent or _is_normaliser(b, dependent)):
         return M.Scale(divide), (a, b)
-    if b in dependent and a not in dependent and not divide:
+    if b in dependent and not divide and (a not in dependent or _is_normaliser(a, dependent)):
         return M.Scale(divide), (b, a)
     return None
 
 
-_GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
+def _is_normaliser(node: Any, dependent: Set[fx.Node]) -> bool:
+    """Whether ``node`` is a normalising factor: a norm, a square root, through epsilons and reshapes."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        op = _packet(node)
+        if op in _NORMS:
+            return True
+        if op not in _NORM_STEPS:
+            return False
+        signals = [a for a in node.args if isinstance(a, fx.Node) and a in dependent]
+        if len(signals) != 1:
+            return False
+        node = signals[0]
+    return False
+
+
+_GATES = frozenset({aten.sigmoid, aten.hardsigmoid})
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 
 
@@ -356,7 +602,7 @@ def _is_gate(node: Any) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_module":
         return False
     module = node.graph.owning_module.get_submodule(node.target)
-    return isinstance(module, _GATE_MODULES) or getattr(module, "fn", None) in _GATE_FUNCTIONS + (torch.Tensor.sigmoid,)
+    return isinstance(module, _GATE_MODULES) or getattr(getattr(module, "fn", None), "overloadpacket", None) in _GATES
 
 
 def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
@@ -371,7 +617,7 @@ def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
 
 
 def _matmul(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
-    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    operands = [a for a in node.all_input_nodes]
     signals = [a for a in operands if a in dependent]
     if len(signals) < 2:
         return _function_module(M.LinearFunction, node)
@@ -381,16 +627,21 @@ def _matmul(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module,
 
 def _comes_from_softmax(node: fx.Node) -> bool:
     """Whether ``node`` is a softmax's output, possibly reshaped or dropped out."""
+    owner = node.graph.owning_module
     while True:
-        if node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), (M.Softmax, nn.Softmax)):
+        module = owner.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, (M.Softmax, nn.Softmax)):
             return True
-        movable = node.op == "call_method" and node.target in DATA_MOVEMENT_METHODS or (
-            node.op == "call_function" and node.target in DATA_MOVEMENT_FUNCTIONS
-        )
-        dropout = node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), (nn.Dropout, M.Activation))
-        if not (movable or dropout) or not node.args or not isinstance(node.args[0], fx.Node):
+        dropout = isinstance(module, (nn.Dropout, M.Activation))
+        if not (moves_data(node) or dropout) or not node.args or not isinstance(node.args[0], fx.Node):
             return False
         node = node.args[0]
+
+
+def _linear_function(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
+    if _packet(node) is aten.addcmul and sum(a in dependent for a in node.args[:3]) != 1:
+        return None  # a product of two signals: no linear rule
+    return _function_module(M.LinearFunction, node)
 
 
 def _concatenation(node: fx.Node, kind: type) -> Optional[Tuple[nn.Module, tuple]]:
@@ -402,10 +653,9 @@ def _concatenation(node: fx.Node, kind: type) -> Optional[Tuple[nn.Module, tuple
 
 
 def _function_module(kind: type, node: fx.Node) -> Optional[Tuple[nn.Module, tuple, dict]]:
-    fn = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
     fixed = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
     passed = {k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}
-    return kind(fn, **fixed), node.args, passed
+    return kind(node.target, **fixed), node.args, passed
 
 
 def _replace_with_module(
@@ -419,15 +669,7 @@ def _replace_with_module(
     new.meta = dict(node.meta)
     new.meta["qualname"] = qualname
     new.meta["original_name"] = node.meta.get("original_name", node.name)
-    new.meta["replaced"] = _describe_target(node)
+    new.meta["replaced"] = str(node.target)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
-
-
-def _describe_target(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    module = getattr(node.target, "__module__", "") or ""
-    module = "operator" if module == "_operator" else module
-    return f"{module}.{getattr(node.target, '__name__', node.target)}"

@@ -1,89 +1,205 @@
-"""From the user's model to an LRP-ready GraphModule, cached per model."""
+"""From the user's model and a call's inputs to an LRP-ready GraphModule, cached."""
+import functools
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from .architecture import ModelArchitecture
+from .capture import capture
 from .cloning import private_copy
-from .passes import fold_batch_norms, functional_to_modules, remove_inplace, unshare_modules
-from .tracing import trace
+from .passes import (
+    calls_to_modules,
+    fold_batch_norms,
+    functional_to_modules,
+    is_torch_layer,
+    qualify_names,
+    registered_leaf_modules,
+    remove_inplace,
+    takes_one_tensor,
+    unshare_modules,
+)
+from .rules import has_default_rule
 
-__all__ = ["PreparedModel", "prepare", "PASSES"]
+__all__ = ["PreparedModel", "prepare", "rewrite_passes", "default_example_inputs"]
 
-PASSES = (unshare_modules, remove_inplace, functional_to_modules)
+#: Cached graphs per model (least recently used dropped beyond this).
+CACHE_SIZE = 8
 
 
 @dataclass
 class PreparedModel:
-    """The rewritten graph of a model and where its modules are called.
+    """The rewritten graph of a model at one input signature, and where its modules are called.
 
     Attributes:
-        graph_module: the rewritten graph. Its modules are private copies that
-            share parameter storage with the user's model.
+        graph_module: the rewritten graph; one placeholder per positional
+            argument of the call. Its modules are private copies that share
+            parameter storage with the user's model.
         call_sites: for each user module (by ``id``), the graph nodes calling it.
-        model_copy: the private copy of the model the graph was traced from,
-            with its container modules (the graph keeps only shells of them).
+        model_copy: the private copy of the model the graph was captured from.
         origins: for each ``call_module`` target standing for a user module, a
             weak reference to that module (where a ``rule`` attribute is read).
+        input_shapes: ``(shape, dtype)`` of each tensor argument of the
+            captured call (``None`` for other arguments).
+        dynamic_batch: the graph runs at any batch size.
+        path_specific: captured along the branch these inputs take (not cached).
     """
 
     graph_module: fx.GraphModule
     call_sites: Dict[int, List[fx.Node]] = field(default_factory=dict)
     model_copy: nn.Module = None
     origins: Dict[str, "weakref.ref[nn.Module]"] = field(default_factory=dict)
+    input_shapes: Tuple[Optional[Tuple[torch.Size, torch.dtype]], ...] = ()
+    dynamic_batch: bool = False
+    path_specific: bool = False
 
-    def architecture(self) -> ModelArchitecture:
-        """A :class:`ModelArchitecture` view of the rewritten graph."""
-        return ModelArchitecture(self.graph_module.graph, self.model_copy)
+    def architecture(self, model: Optional[nn.Module] = None) -> ModelArchitecture:
+        """A :class:`ModelArchitecture` view of the rewritten graph, with example inputs of its shapes.
+
+        ``model``: the user's model, whose container modules the view then returns.
+        """
+        architecture = ModelArchitecture(self.graph_module.graph, model or self.model_copy)
+        architecture.example_inputs = self.example_inputs()
+        return architecture
+
+    def example_inputs(self) -> Tuple[Any, ...]:
+        """Random tensors shaped like the captured call's tensor arguments (``None`` for the others)."""
+        generator = torch.Generator().manual_seed(0)
+        device = next((p.device for p in self.graph_module.parameters()), torch.device("cpu"))
+        return tuple(
+            None if spec is None else _random(spec[0], spec[1], generator).to(device) for spec in self.input_shapes
+        )
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[bool, Tuple[tuple, PreparedModel]]]" = weakref.WeakKeyDictionary()
+def _random(shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
 
 
-def prepare(model: nn.Module, fold_batch_norm: bool = False) -> PreparedModel:
-    """Trace ``model`` and run every rewrite pass; cached until the model changes.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
 
+
+def prepare(model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch_norm: bool = False) -> PreparedModel:
+    """Capture ``model(*inputs)`` and run every rewrite pass; cached until the model changes.
+
+    ``inputs`` are the call's positional arguments (Captum's ``inputs``
+    followed by ``additional_forward_args``); ``None`` takes an image batch
+    for the model's first convolution (:func:`default_example_inputs`).
     With ``fold_batch_norm``, eval-mode batch norms are also merged into the
     convolution or linear layer before them (:func:`fold_batch_norms`).
 
-    The cache is keyed by the model and checked against its module structure,
-    ``training`` flags and parameters (identity, storage and in-place version),
-    so replacing a submodule or a parameter, an optimiser step, or switching
-    ``eval()``/``train()`` prepares again.
+    The cache is keyed by the model and the inputs' signature (dtypes,
+    devices, shapes but the batch size where the graph allows any, and the
+    values of non-tensor arguments), and checked against the model's module
+    structure, ``training`` flags and parameters (identity, storage and
+    in-place version): replacing a submodule or a parameter, an optimiser
+    step, or switching ``eval()``/``train()`` prepares again. A graph
+    captured along a data-dependent branch is never reused.
     """
-    key = _fingerprint(model)
-    cached = _CACHE.setdefault(model, {}).get(fold_batch_norm)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    prepared = _prepare(model, fold_batch_norm)
-    _CACHE[model][fold_batch_norm] = (key, prepared)
+    args = tuple(default_example_inputs(model) if inputs is None else inputs)
+    fingerprint = _fingerprint(model)
+    with _CACHE_LOCK:
+        entries = _CACHE.setdefault(model, OrderedDict())
+        for key in (_signature(args, True, fold_batch_norm), _signature(args, False, fold_batch_norm)):
+            cached = entries.get(key)
+            if cached is not None and cached[0] == fingerprint:
+                entries.move_to_end(key)
+                return cached[1]
+    prepared = _prepare(model, args, fold_batch_norm)
+    if not prepared.path_specific:
+        with _CACHE_LOCK:
+            entries = _CACHE.setdefault(model, OrderedDict())
+            entries[_signature(args, prepared.dynamic_batch, fold_batch_norm)] = (fingerprint, prepared)
+            while len(entries) > CACHE_SIZE:
+                entries.popitem(last=False)
     return prepared
 
 
-def _prepare(model: nn.Module, fold_batch_norm: bool) -> PreparedModel:
+def default_example_inputs(model: nn.Module) -> Tuple[Tensor]:
+    """One random image for the model's first 2-D convolution, at its ``image_size`` (else 224x224).
+
+    Raises:
+        ValueError: the model has no 2-D convolution: pass the inputs.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            size = getattr(model, "image_size", 224)
+            size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            generator = torch.Generator().manual_seed(0)  # random, so gradients are not degenerate
+            example = torch.randn(1, module.in_channels, *size, generator=generator, dtype=module.weight.dtype)
+            return (example.to(module.weight.device),)
+    raise ValueError(
+        f"{type(model).__name__} has no 2-D convolution to make an example image for; "
+        "pass example inputs (the graph is captured at real inputs)"
+    )
+
+
+def _signature(args: Sequence[Any], dynamic_batch: bool, fold_batch_norm: bool) -> tuple:
+    parts: List[Any] = [fold_batch_norm, dynamic_batch]
+    for arg in args:
+        if isinstance(arg, Tensor):
+            shape = tuple(arg.shape[1:]) if dynamic_batch and arg.dim() else tuple(arg.shape)
+            parts.append(("tensor", arg.dtype, arg.device, arg.dim(), shape))
+        else:
+            parts.append(("value", _hashable(arg)))
+    return tuple(parts)
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+        return (type(value), value)
+    except TypeError:
+        return (type(value), repr(value))
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    if isinstance(module, registered_leaf_modules()):
+        return True
+    return is_torch_layer(module) and takes_one_tensor(module) and has_default_rule(module)
+
+
+def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tuple[Callable[[fx.GraphModule], bool], ...]:
+    """The passes :func:`prepare` runs, in order, on a graph captured from ``model_copy``."""
+    return (
+        remove_inplace,
+        functools.partial(calls_to_modules, model=model_copy, is_leaf=_is_leaf),
+        qualify_names,
+        unshare_modules,
+        functional_to_modules,
+    ) + ((fold_batch_norms,) if fold_batch_norm else ())
+
+
+def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool) -> PreparedModel:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     user_modules = {id(module): module for module in model.modules()}
     copy = private_copy(model)
-    gm = trace(copy, record_inplace=True)
-    for run_pass in PASSES + ((fold_batch_norms,) if fold_batch_norm else ()):
-        run_pass(gm)
+    gm = capture(copy, args)
+    graph_module = gm.graph_module
+    for run_pass in rewrite_passes(copy, fold_batch_norm):
+        run_pass(graph_module)
     copies = {name: module for name, module in copy.named_modules(remove_duplicate=False)}
     by_copy = {id(copies[name]): user_id for user_id, name in names.items() if name in copies}
     call_sites: Dict[int, List[fx.Node]] = {}
     origins: Dict[str, weakref.ref] = {}
-    for node in gm.graph.find_nodes(op="call_module"):
+    for node in graph_module.graph.find_nodes(op="call_module"):
         if "replaced" in node.meta:
             continue  # a module standing for a functional operation
-        original = node.meta.get("nn_module_stack", {})
-        path = list(original.values())[-1][0] if original else node.target
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else node.target
         user_id = by_copy.get(id(copies.get(path)))
         if user_id is not None:
             call_sites.setdefault(user_id, []).append(node)
             origins[str(node.target)] = weakref.ref(user_modules[user_id])
-    return PreparedModel(gm, call_sites, copy, origins)
+    shapes = tuple((a.shape, a.dtype) if isinstance(a, Tensor) else None for a in args)
+    return PreparedModel(graph_module, call_sites, copy, origins, shapes, gm.dynamic_batch, gm.path_specific)
 
 
 def _fingerprint(model: nn.Module) -> tuple:

@@ -1,6 +1,6 @@
 """A non-raising report of what captum_graph does with a model."""
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from captum._utils.typing import TargetType
 from captum.attr._utils.custom_modules import Addition_Module
@@ -13,13 +13,14 @@ from .rules import UniformSplitRule, assign_rules
 __all__ = ["model_report", "format_report", "branch_relevance"]
 
 
-def model_report(model: nn.Module, preset: Optional[str] = None) -> Dict[str, Any]:
+def model_report(model: nn.Module, preset: Optional[str] = None, inputs: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     """Graph summary, rewritten operations, rule per node, Grad-CAM layer, problems.
 
-    Never raises for an unsupported operation: such nodes are listed under
-    ``"unsupported"`` with the reason and source line.
+    The graph is captured at ``inputs`` (the call's positional arguments; by
+    default an example image). Never raises for an unsupported operation: such
+    nodes are listed under ``"unsupported"`` with the reason and source line.
     """
-    prepared = prepare(model)
+    prepared = prepare(model, inputs)
     gm = prepared.graph_module
     assignments = assign_rules(gm, preset=preset, origins=prepared.origins)
     architecture = prepared.architecture()
@@ -59,7 +60,7 @@ def branch_relevance(model: nn.Module, inputs: Tensor, target: TargetType = None
     """
     from .attr import LayerLRP
 
-    gm = prepare(model).graph_module
+    gm = prepare(model, (inputs,)).graph_module
     additions = [n.meta["qualname"] for n in gm.graph.find_nodes(op="call_module") if isinstance(gm.get_submodule(n.target), Addition_Module)]
     if not additions:
         return []

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from . import modules as M
 from .errors import UnsupportedOperationError, describe_node
-from .passes import DATA_MOVEMENT_FUNCTIONS, DATA_MOVEMENT_METHODS, input_dependent_nodes
+from .passes import moves_data, relevance_carrying_nodes
 
 __all__ = [
     "PassThroughRule",
@@ -217,24 +217,16 @@ class UniformSplitRule(ExplicitRule):
 # ---------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------
-def _torchvision_types(*names: str) -> Tuple[type, ...]:
-    import torchvision.ops.misc as misc
-    import torchvision.ops.stochastic_depth as sd
-
-    found = [getattr(misc, n, None) or getattr(sd, n, None) for n in names]
-    return tuple(t for t in found if t is not None)
-
-
 PASS_THROUGH_TYPES: Tuple[type, ...] = (
     M.Activation, M.Scale, M.Gate, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
     nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid,
     nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.Identity,
-) + _torchvision_types("StochasticDepth")
+)
 MOVE_TYPES: Tuple[type, ...] = (
     M.Concatenate, M.Tap, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
     nn.PixelUnshuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-) + _torchvision_types("Permute")
+)
 EPSILON_TYPES: Tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -242,7 +234,7 @@ EPSILON_TYPES: Tuple[type, ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Upsample, Addition_Module, M.Subtraction, M.LinearFunction,
-    nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, M.AttentionMatmul,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, M.AttentionMatmul, M.Attention,
 )
 
 # reason: ordered (types, rule) pairs, first isinstance match wins; register_rule prepends.
@@ -253,6 +245,11 @@ _DEFAULT_RULES: List[Tuple[Tuple[type, ...], Callable[[], PropagationRule]]] = [
     ((M.Product, M.Matmul), UniformSplitRule),
     ((M.Softmax, nn.Softmax), ConstantRule),
 ]
+
+
+def has_default_rule(module: nn.Module) -> bool:
+    """Whether a registered or built-in rule covers ``module``."""
+    return any(isinstance(module, types) for types, _ in _DEFAULT_RULES)
 
 
 def register_rule(module_types: Union[type, Tuple[type, ...]], rule: Union[PropagationRule, Callable[[], PropagationRule]]) -> None:
@@ -342,19 +339,21 @@ def assign_rules(
     _check_names_exist(gm, by_name)
     chosen_preset = _preset(preset)
     first_layer = _first_layer(gm)
-    dependent = input_dependent_nodes(gm.graph)
+    carrying = relevance_carrying_nodes(gm)
     assignments = []
     for node in gm.graph.nodes:
-        if node not in dependent or node.op in ("placeholder", "output"):
+        if node not in carrying or node.op in ("placeholder", "output"):
             continue
-        if node.op == "call_module":
+        if node.meta.get("inplace_on_view"):
+            assignments.append(_assignment(node, "", None, "", _inplace_on_view_message(node)))
+        elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             origin = (origins or {}).get(str(node.target))
             own_rule = getattr(origin() if origin is not None else None, "rule", None)
             rule, source = _rule_for(node, module, own_rule, by_name, by_type, chosen_preset, node is first_layer)
             problem = None if rule is not None else _missing_rule_message(node, module)
             assignments.append(_assignment(node, type(module).__qualname__, rule, source, problem))
-        elif _moves_data(node) or not _carries_tensor(node):
+        elif moves_data(node) or not _carries_tensor(node):
             assignments.append(_assignment(node, "", MoveRule(), "data movement"))
         else:
             assignments.append(_assignment(node, "", None, "", _missing_rule_message(node, None)))
@@ -378,6 +377,12 @@ def _assignment(node: fx.Node, module_type: str, rule, source: str, problem: Opt
         replaced=node.meta.get("replaced"),
         problem=problem,
     )
+
+
+def validate_rules(rules: Mapping[RuleKey, PropagationRule], preset: Union[str, Preset, None]) -> None:
+    """Raise for rules that are not Captum rules, keys that are neither names nor types, unknown presets."""
+    _split_rule_keys(rules)
+    _preset(preset)
 
 
 def _split_rule_keys(rules: Mapping[RuleKey, PropagationRule]):
@@ -452,12 +457,6 @@ def _first_layer(gm: fx.GraphModule) -> Optional[fx.Node]:
     return None
 
 
-def _moves_data(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in DATA_MOVEMENT_FUNCTIONS
-    return node.op == "call_method" and node.target in DATA_MOVEMENT_METHODS
-
-
 def _carries_tensor(node: fx.Node) -> bool:
     meta = node.meta.get("tensor_meta")
     if meta is None:
@@ -471,6 +470,15 @@ def _missing_rule_message(node: fx.Node, module: Optional[nn.Module]) -> str:
         f"no LRP rule for {describe_node(node)}\n"
         f"Register one for {what} with captum_graph.register_rule(...), pass rules={{...}} "
         f"to LRP, or mark the module as a leaf with a rule (captum_graph.register_leaf_module)."
+    )
+
+
+def _inplace_on_view_message(node: fx.Node) -> str:
+    return (
+        f"relevance flows through an in-place write into a view, {describe_node(node)}\n"
+        "Another view of the same tensor is read afterwards, so the write cannot be made "
+        "out-of-place. Write the forward without the in-place operation (e.g. torch.cat or "
+        "torch.where instead of slice assignment)."
     )
 
 

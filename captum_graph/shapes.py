@@ -1,5 +1,5 @@
 """Output shapes of every node, recorded by running example inputs once."""
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence
 
 import torch
 import torch.fx as fx
@@ -8,7 +8,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .cloning import private_copy
 
-__all__ = ["propagate_shapes", "default_example_inputs", "token_gradients"]
+__all__ = ["propagate_shapes", "token_gradients"]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -23,22 +23,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     gm.graph.owning_module = gm  # GraphModule() above took ownership of the graph
 
 
-def default_example_inputs(gm: fx.GraphModule, model: Optional[nn.Module] = None) -> Optional[Tuple[torch.Tensor]]:
-    """One random image-sized input for the first convolution's channels, or ``None``.
-
-    Uses the ``image_size`` attribute of ``model`` (or ``gm``) if it has one
-    (torchvision ViT), else 224x224.
-    """
-    for module in gm.modules():
-        if isinstance(module, nn.Conv2d):
-            size = getattr(model, "image_size", getattr(gm, "image_size", 224))
-            parameter = module.weight
-            generator = torch.Generator().manual_seed(0)  # random, so gradients are not degenerate
-            example = torch.randn(1, module.in_channels, size, size, generator=generator, dtype=parameter.dtype)
-            return (example.to(parameter.device),)
-    return None
-
-
 def token_gradients(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Dict[fx.Node, bool]:
     """For each 3-D node ``(N, T, C)``: whether tokens after the first get gradient from the output.
 
@@ -51,7 +35,7 @@ def token_gradients(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) 
     _redraw_zero_parameters(shadow)
     recorder = _TokenRecorder(shadow)
     with torch.enable_grad():
-        inputs = [x.detach().clone().requires_grad_() for x in example_inputs]
+        inputs = [x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example_inputs]
         output = recorder.run(*inputs)
         outputs = [o for o in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(o, torch.Tensor)]
         sum(o.sum() for o in outputs).backward()

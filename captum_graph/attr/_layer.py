@@ -1,4 +1,5 @@
 """Captum's layer methods with layers given by name, by graph node, or chosen automatically."""
+import inspect
 from typing import Any, Optional, Tuple
 
 import torch.fx as fx
@@ -13,9 +14,10 @@ from torch import nn
 
 from ..architecture import ModelArchitecture
 from ..errors import LayerResolutionError
-from ..layers import LayerSpec, resolve_layer
+from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..modules import GridToTokens, Tap, TokensToGrid
 from ..prepare import prepare
+from ._args import call_arguments
 
 __all__ = [
     "LayerGradCam",
@@ -32,18 +34,21 @@ _TAP = "captum_graph_tap"
 _UNTAP = "captum_graph_untap"
 
 
-def tapped_graph(model: nn.Module, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap, fx.Node]:
-    """A copy of the model's rewritten graph with an identity :class:`Tap` after ``layer``.
+def tapped_graph(
+    model: nn.Module, layer: Optional[LayerSpec], inputs: Any = None, additional_forward_args: Any = None
+) -> Tuple[fx.GraphModule, Tap, fx.Node]:
+    """A copy of the model's rewritten graph, captured at these inputs, with an identity :class:`Tap` after ``layer``.
 
     ``layer=None`` picks the Grad-CAM layer (see
     :meth:`ModelArchitecture.find_cam_target_node`). For a token layer
     ``(N, T, C)`` (ViT) the tap is a :class:`TokensToGrid`, so layer methods
     see an ``(N, C, h, w)`` map without class tokens. The copy shares the
     rewritten graph's private modules; the user's model is not involved.
+    ``inputs=None`` captures at an example image.
     """
-    prepared = prepare(model)
+    prepared = prepare(model, None if inputs is None else call_arguments(inputs, additional_forward_args))
     source = prepared.graph_module
-    architecture = prepared.architecture()
+    architecture = prepared.architecture(model)
     node = _auto_layer(architecture) if layer is None else resolve_layer(model, prepared, layer)
     graph = fx.Graph()
     copies = {}
@@ -90,27 +95,39 @@ def _auto_layer(architecture: ModelArchitecture) -> fx.Node:
 
 
 class _GraphLayerMixin:
-    """Resolves ``layer`` on the rewritten graph and hands Captum a tapped copy of it."""
+    """Resolves ``layer`` on the graph captured at each call and runs Captum on a tapped copy of it."""
 
-    def _resolve(self, model: nn.Module, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap]:
-        gm, tap, node = tapped_graph(model, layer)
-        self.model_to_explain = model
-        self.layer_name: str = node.meta.get("qualname", node.name)
-        return gm, tap
+    _captum_class: type
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={type(self.model_to_explain).__name__}, layer='{self.layer_name}')"
+        layer = self.layer_name or self.layer_spec or "automatic"
+        return f"{type(self).__name__}(model={type(self.model_to_explain).__name__}, layer='{layer}')"
+
+    def attribute(self, *args: Any, **kwargs: Any) -> Any:
+        """See the Captum method of the same class; the graph is captured at ``inputs``."""
+        bound = inspect.signature(self._captum_class.attribute).bind(self, *args, **kwargs)
+        inputs = bound.arguments["inputs"]
+        additional = bound.arguments.get("additional_forward_args")
+        gm, tap, node = tapped_graph(self.model_to_explain, self.layer_spec, inputs, additional)
+        self.layer_name = node.meta.get("qualname", node.name)
+        delegate = self._captum_class(gm, tap, *self._init_args, **self._init_kwargs)
+        return delegate.attribute(*args, **kwargs)
 
 
 def _graph_layer_class(captum_class: type, doc: str) -> type:
     def __init__(self, model: nn.Module, layer: Optional[LayerSpec] = None, *args: Any, **kwargs: Any) -> None:
-        gm, tap = self._resolve(model, layer)
-        captum_class.__init__(self, gm, tap, *args, **kwargs)
+        if layer is not None:
+            check_layer_spec(model, layer)
+        captum_class.__init__(self, model, layer if isinstance(layer, nn.Module) else None, *args, **kwargs)
+        self.model_to_explain = model
+        self.layer_spec = layer
+        self.layer_name: Optional[str] = None  # the node chosen, known after the first call
+        self._init_args, self._init_kwargs = args, kwargs
 
     return type(
         captum_class.__name__,
         (_GraphLayerMixin, captum_class),
-        {"__init__": __init__, "__doc__": doc, "__module__": __name__},
+        {"__init__": __init__, "__doc__": doc, "__module__": __name__, "_captum_class": captum_class},
     )
 
 
@@ -119,7 +136,8 @@ _DOC = """Captum's ``{name}`` on the model's rewritten graph.
 Same arguments and return shapes as :class:`captum.attr.{name}`. ``layer``
 may be a module, a module's qualified name (``"layer4"``), or a graph node's
 qualified or fx name (``"layer4.1.add"``, ``"add_7"``), so functional
-operations can be targets.{extra} The chosen node is in ``layer_name``.
+operations can be targets.{extra} The graph is captured at each call's
+inputs; the chosen node is in ``layer_name`` after a call.
 """
 
 LayerGradCam = _graph_layer_class(

@@ -12,9 +12,10 @@ from captum.attr._utils.lrp_rules import PropagationRule
 from torch import Tensor, nn
 
 from ..engine import LayerCapture, relevance_hooks
-from ..layers import LayerSpec, resolve_layer
+from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..prepare import PreparedModel, prepare
-from ..rules import Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems
+from ._args import call_arguments
+from ..rules import Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems, validate_rules
 
 __all__ = ["LRP", "LayerLRP"]
 
@@ -30,19 +31,22 @@ class _GraphLRPMixin:
         preset: Union[str, Preset, None],
         fold_batch_norm: bool,
     ) -> None:
+        validate_rules(rules or {}, preset)  # names are checked against the graph at the call
         self.rules = dict(rules or {})
         self.preset = preset
         self.fold_batch_norm = fold_batch_norm
-        self.rule_report()  # validates keys and preset early
 
-    @property
-    def prepared(self) -> PreparedModel:
-        """The rewritten graph of the model (cached; rebuilt when the model changes)."""
-        return prepare(self.model, self.fold_batch_norm)
+    def prepared(self, inputs: Any = None, additional_forward_args: Any = None) -> PreparedModel:
+        """The rewritten graph of the model at these inputs (cached; rebuilt when the model changes).
 
-    def rule_report(self) -> List[RuleAssignment]:
-        """Which rule each node gets and why; unsupported nodes have ``problem`` set."""
-        return self._rule_report(self.prepared)
+        ``inputs=None`` takes an example image (see :func:`captum_graph.prepare`).
+        """
+        args = None if inputs is None else call_arguments(inputs, additional_forward_args)
+        return prepare(self.model, args, self.fold_batch_norm)
+
+    def rule_report(self, inputs: Any = None, additional_forward_args: Any = None) -> List[RuleAssignment]:
+        """Which rule each node gets and why at these inputs; unsupported nodes have ``problem`` set."""
+        return self._rule_report(self.prepared(inputs, additional_forward_args))
 
     def _rule_report(self, prepared: PreparedModel) -> List[RuleAssignment]:
         return assign_rules(prepared.graph_module, self.rules, self.preset, prepared.origins)
@@ -66,7 +70,7 @@ class _GraphLRPMixin:
     ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """Run forward and backward once; return target outputs and normalised input relevance."""
         if prepared is None:
-            prepared = self.prepared  # once per call: checking the cache fingerprints the model
+            prepared = self.prepared(inputs, additional_forward_args)  # once per call: the cache check fingerprints the model
         gm = prepared.graph_module
         assignments = self._assignments(prepared, verbose)
         gradient_mask = apply_gradient_requirements(inputs)
@@ -91,7 +95,9 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
     return shapes. The model is traced with torch.fx and rewritten (additions,
     concatenations, functional activations and poolings become modules; shared
     and in-place modules are made safe) before relevance is propagated in one
-    forward and one backward pass. The model itself is never modified.
+    forward and one backward pass. The graph is captured with ``torch.export`` at
+    each call's own inputs and cached per input signature. The model itself is
+    never modified.
 
     Args:
         model: the model, as it is.
@@ -193,7 +199,8 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
     ) -> None:
         _CaptumLayerLRP.__init__(self, model, layer)
         self._init_rules(rules, preset, fold_batch_norm)
-        self._layer_nodes = [resolve_layer(model, self.prepared, spec) for spec in self._layer_list()]
+        for spec in self._layer_list():
+            check_layer_spec(model, spec)  # resolved on the graph captured at the call
 
     def _layer_list(self) -> List[LayerSpec]:
         return list(self.layer) if isinstance(self.layer, list) else [self.layer]
@@ -210,7 +217,7 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
         """Relevance at the layer's output (or inputs); see :meth:`captum.attr.LayerLRP.attribute`."""
         self.verbose = verbose
         self.attribute_to_layer_input = attribute_to_layer_input
-        prepared = self.prepared
+        prepared = self.prepared(inputs, additional_forward_args)
         nodes = [resolve_layer(self.model, prepared, spec) for spec in self._layer_list()]
         captures = [LayerCapture(str(node.target), attribute_to_layer_input) for node in nodes]
         for node in nodes:

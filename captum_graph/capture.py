@@ -1,0 +1,235 @@
+"""Capturing a model's graph at a call's own inputs with ``torch.export``.
+
+The result is an fx GraphModule of ATen operations (``aten.conv2d``,
+``aten.add_``, ...) whose placeholders are the call's positional arguments
+and whose parameters are ``get_attr`` nodes. Every node carries
+``meta["nn_module_stack"]`` (the module calls it happened in, with the
+model's own paths), ``meta["val"]``/``meta["tensor_meta"]`` (real shapes) and
+``meta["stack_trace"]``. Python control flow on non-tensor values is resolved
+by the capture; control flow on tensor values is captured along the path this
+call takes (``torch.export.draft_export``), and such a graph is not reused.
+"""
+import contextlib
+import dataclasses
+import inspect
+import logging
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import CaptureError, error_class, user_frame
+
+__all__ = ["Captured", "capture", "preserved_training_flags"]
+
+_ROOT = "model"  # the attribute under which the capture wrapper holds the model
+
+
+@dataclasses.dataclass(frozen=True)
+class Captured:
+    """A captured graph and how far it may be reused.
+
+    Attributes:
+        graph_module: ATen-level graph; one placeholder per positional argument.
+        dynamic_batch: the first dimension of the tensor inputs is symbolic,
+            so the graph runs at any batch size.
+        path_specific: the forward branches on tensor values; the graph holds
+            the path of the captured inputs only and must not be reused.
+    """
+
+    graph_module: fx.GraphModule
+    dynamic_batch: bool
+    path_specific: bool
+
+
+class _Call(nn.Module):
+    """Calls ``model`` with the captured call's non-tensor arguments fixed; takes its tensors."""
+
+    def __init__(self, model: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any]) -> None:
+        super().__init__()
+        setattr(self, _ROOT, model)
+        self.leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
+        self.tensor_positions = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, Tensor)]
+
+    def forward(self, *tensors: Tensor) -> Any:
+        leaves = list(self.leaves)
+        for position, tensor in zip(self.tensor_positions, tensors):
+            leaves[position] = tensor
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return getattr(self, _ROOT)(*args, **kwargs)
+
+
+def capture(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> Captured:
+    """Capture ``model(*args, **kwargs)`` as an ATen graph (see the module docstring).
+
+    ``model`` is run under export, so pass a private copy (``cloning.private_copy``).
+    Tensors among ``args`` become the graph's inputs; every other argument
+    (``None``, numbers, flags, and all of ``kwargs`` but tensors) is fixed at its
+    value. The first dimension of the tensors is made dynamic where the model
+    allows it.
+
+    Raises:
+        CaptureError: torch.export cannot capture the model; says why, at which
+            line of the user's source, and what to do. It is also an instance of
+            the exception type export raised.
+    """
+    for i, arg in enumerate(args):
+        if not isinstance(arg, Tensor) and any(isinstance(leaf, Tensor) for leaf in tree_flatten(arg)[0]):
+            raise CaptureError(
+                f"argument {i} of the call is a {type(arg).__name__} holding tensors; captum_graph "
+                "captures tensors passed as separate positional arguments: pass them one by one"
+            )
+    call = _Call(model, args, kwargs or {})
+    tensors = tuple(call.leaves[i] for i in call.tensor_positions)
+    with preserved_training_flags(model), _quiet_export_logs():
+        exported, path_specific = _export(call, tensors)
+    graph_module, dynamic = _flat_graph_module(exported, model, args)
+    return Captured(graph_module, dynamic, path_specific)
+
+
+def _export(call: _Call, tensors: Tuple[Tensor, ...]):
+    """``torch.export`` with a dynamic batch where possible; the taken path on data-dependent branches."""
+    # A batch of one would be specialised to one: capture at two, the graph is the same.
+    examples = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in tensors)
+    dynamic = (tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in examples),)
+    try:
+        return torch.export.export(call, examples, dynamic_shapes=dynamic, strict=False), False
+    except Exception as error:  # noqa: BLE001 - classified below, re-raised with context
+        first_error = error
+    try:
+        return torch.export.export(call, tensors, strict=False), False
+    except Exception as error:  # noqa: BLE001
+        if not _is_data_dependent(error):
+            raise _capture_error(first_error if _is_data_dependent(first_error) else error, call) from error
+    try:
+        return torch.export.draft_export(call, tensors, strict=False), True
+    except Exception as error:  # noqa: BLE001
+        raise _capture_error(error, call) from error
+
+
+def _is_data_dependent(error: BaseException) -> bool:
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    while error is not None:
+        if isinstance(error, GuardOnDataDependentSymNode) or "data-dependent" in str(error)[:2000].lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _capture_error(error: Exception, call: _Call) -> CaptureError:
+    model = getattr(call, _ROOT)
+    lines = [f"torch.export cannot capture {type(model).__qualname__}: {_first_lines(error)}"]
+    frame = user_frame(error)
+    if frame is not None:
+        lines.append(f"  at {frame}")
+    lines.append(
+        "To fix it: make the forward traceable by torch.export (see the torch.export "
+        "programming model), or explain a submodule that is."
+    )
+    return error_class(CaptureError, type(error))("\n".join(lines))
+
+
+def _first_lines(error: Exception, count: int = 6) -> str:
+    text = str(error).strip().splitlines()
+    return "\n".join(text[:count]) if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_export_logs() -> Iterator[None]:
+    """draft_export and the symbolic-shape engine log warnings meant for export authors."""
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch.fx.experimental.symbolic_shapes", "torch._export", "torch._subclasses.fake_tensor")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _flat_graph_module(exported, model: nn.Module, args: Sequence[Any]) -> Tuple[fx.GraphModule, bool]:
+    """The exported graph with parameters as ``get_attr`` and one placeholder per call argument."""
+    graph = fx.Graph()
+    old_graph = exported.graph_module.graph
+    signature = exported.graph_signature
+    lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    constants = signature.inputs_to_lifted_tensor_constants
+    attributes: Dict[str, Any] = {}
+    names = _argument_names(model, len(args))
+    tensor_inputs = iter(i for i, a in enumerate(args) if isinstance(a, Tensor))
+    placeholders = [graph.placeholder(name) for name in names]
+    env: Dict[fx.Node, fx.Node] = {}
+    dynamic = False
+    for node in old_graph.nodes:
+        if node.op == "placeholder":
+            if node.name in lifted:
+                target = _strip_root(lifted[node.name])
+                attributes[target] = _fetch(model, target)
+                env[node] = graph.get_attr(target)
+            elif node.name in constants:
+                target = f"_captured_constants.{node.name}"
+                attributes[target] = exported.constants[constants[node.name]]
+                env[node] = graph.get_attr(target)
+            else:
+                env[node] = placeholders[next(tensor_inputs)]
+                dynamic = dynamic or _has_symbolic_batch(node)
+            env[node].meta = _clean_meta(node.meta)
+        elif node.op == "output":
+            outputs = [env[o] if isinstance(o, fx.Node) else o for o in node.args[0][: len(signature.user_outputs)]]
+            graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node].meta = _clean_meta(node.meta)
+    return fx.GraphModule(attributes, graph, type(model).__name__), dynamic
+
+
+def _argument_names(model: nn.Module, count: int) -> list:
+    try:
+        parameters = [
+            p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        parameters = []
+    return [parameters[i] if i < len(parameters) else f"input_{i}" for i in range(count)]
+
+
+def _has_symbolic_batch(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, Tensor) and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt)
+
+
+def _strip_root(path: str) -> str:
+    return path[len(_ROOT) + 1 :] if path.startswith(_ROOT + ".") else path
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
+
+
+def _clean_meta(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``meta`` with module paths relative to the user's model and the wrapper left out."""
+    kept = {key: meta[key] for key in ("val", "tensor_meta", "stack_trace", "torch_fn") if key in meta}
+    stack = {}
+    for key, (path, module_type) in (meta.get("nn_module_stack") or {}).items():
+        if path in ("", _ROOT):
+            continue  # the wrapper and the model itself: top level
+        stack[key] = (_strip_root(path), module_type)
+    kept["nn_module_stack"] = stack
+    return kept
+
+
+@contextlib.contextmanager
+def preserved_training_flags(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag on exit, whatever happened."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
