@@ -7,6 +7,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .passes import input_dependent_nodes
+
 
 
 __all__ = ["ModelArchitecture", "NodeInfo"]
@@ -347,11 +349,12 @@ def _owned_by(node: fx.Node, path: str) -> bool:
 def cut_nodes(graph: fx.Graph) -> List[fx.Node]:
     """Nodes that every path from the inputs to the output passes through.
 
-    Only nodes that depend on an input and feed the output count; constants
-    (parameters, class tokens) do not open other paths.
+    Only nodes that depend on an input's values and feed the output count;
+    constants (parameters, class tokens) and sizes (``aten.sym_size``) do not
+    open other paths.
     """
     nodes = list(graph.nodes)
-    live = _forward_reachable(nodes) & _backward_reachable(nodes)
+    live = input_dependent_nodes(graph) & _backward_reachable(nodes)
     order = [node for node in nodes if node in live]
     position = {node: i for i, node in enumerate(order)}
     # furthest[i]: the furthest position reached by an edge leaving positions < i
@@ -362,14 +365,6 @@ def cut_nodes(graph: fx.Graph) -> List[fx.Node]:
             if user in position:
                 reach = max(reach, position[user])
     return [node for i, node in enumerate(order) if furthest[i] <= i and node.op not in ("placeholder", "output")]
-
-
-def _forward_reachable(nodes: List[fx.Node]) -> set:
-    reached = {node for node in nodes if node.op == "placeholder"}
-    for node in nodes:
-        if any(arg in reached for arg in node.all_input_nodes):
-            reached.add(node)
-    return reached
 
 
 def _backward_reachable(nodes: List[fx.Node]) -> set:

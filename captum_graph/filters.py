@@ -1,9 +1,21 @@
 """Ready-made ``filter_func`` arguments for :meth:`ModelArchitecture.find_node`.
 
 Each filter takes a :class:`~captum_graph.NodeInfo` and says whether the node
-is that kind of operation, whichever way the model wrote it: a module call
-(``call_module``), a function (``call_function``, e.g. ``F.relu``,
-``operator.add``) or a tensor method (``call_method``, e.g. ``x.mean``).
+is that kind of tensor operation, in any graph a ``ModelArchitecture`` views:
+
+* a plain ``torch.fx`` graph: a module call (``call_module``), a function
+  (``call_function``: ``F.relu``, ``operator.add``) or a tensor method
+  (``call_method``: ``x.mean``);
+* an ATen graph (``torch.export``): a ``call_function`` of an ATen operator,
+  matched by its overload packet (``aten.add.Tensor`` is ``aten.add``) and its
+  in-place form (``aten.add_``);
+* a rewritten graph (:meth:`ModelArchitecture.from_model`): leaf modules of
+  :mod:`captum_graph.modules`, by type (``Addition``, ``Concatenate``) or, for
+  :class:`~captum_graph.modules.Function` modules (``Activation``,
+  ``LinearFunction``), by the function they call (``fn``).
+
+Arithmetic on sizes (nodes whose value is a ``SymInt`` or a number) is no
+tensor operation and matches no filter.
 
 Examples::
 
@@ -14,7 +26,7 @@ Examples::
     8
 """
 import operator
-from typing import Any, Callable, FrozenSet, Tuple, Type
+from typing import Any, Callable, FrozenSet, NamedTuple, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +34,7 @@ from captum.attr._utils.custom_modules import Addition_Module
 from torch import nn
 
 from .architecture import NodeInfo
-from .modules import Concatenate
+from .modules import Concatenate, Function
 
 __all__ = [
     "conv_filter",
@@ -43,131 +55,177 @@ def _optional(*names: str, owner: Any = torch) -> Tuple[Any, ...]:
     return tuple(getattr(owner, name) for name in names if hasattr(owner, name))
 
 
-_CONV_MODULES: Tuple[Type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
-_CONV_FUNCTIONS: FrozenSet[Callable] = frozenset({
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-})
+def _aten(*names: str) -> FrozenSet[Any]:
+    """The ATen overload packets ``aten.<name>`` and their in-place forms ``aten.<name>_``, where they exist."""
+    return frozenset(_optional(*names, *(name + "_" for name in names), owner=torch.ops.aten))
 
-_LINEAR_MODULES: Tuple[Type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
-_LINEAR_FUNCTIONS: FrozenSet[Callable] = frozenset({F.linear, F.bilinear})
 
-_NORM_MODULES: Tuple[Type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.LayerNorm,  # and subclasses such as torchvision's LayerNorm2d
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-) + _optional("RMSNorm", owner=nn)
-_NORM_FUNCTIONS: FrozenSet[Callable] = frozenset({
-    F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm, F.local_response_norm,
-    torch.batch_norm, torch.instance_norm, torch.layer_norm, torch.group_norm,
-} | set(_optional("rms_norm", owner=F)) | set(_optional("rms_norm")))
+class _Kind(NamedTuple):
+    """Every spelling of one kind of operation."""
 
-_ACTIVATION_MODULES: Tuple[Type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid,
-    nn.Tanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
-)
-_ACTIVATION_FUNCTIONS: FrozenSet[Callable] = frozenset({
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.elu, F.selu,
-    F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid,
-    F.tanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.threshold,
-    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.selu, torch.celu, torch.prelu,
-    torch.rrelu,
-})
-_ACTIVATION_METHODS: FrozenSet[str] = frozenset({
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
-})
+    modules: Tuple[Type[nn.Module], ...]
+    functions: FrozenSet[Callable] = frozenset()
+    methods: FrozenSet[str] = frozenset()
+    aten: FrozenSet[Any] = frozenset()
 
-_POOLING_MODULES: Tuple[Type[nn.Module], ...] = (
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.pooling._LPPoolNd,
-    nn.FractionalMaxPool2d,
-    nn.FractionalMaxPool3d,
-)
-_POOLING_FUNCTIONS: FrozenSet[Callable] = frozenset({
-    F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.lp_pool1d, F.lp_pool2d,
-    torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
-    torch.mean,
-})
-_POOLING_METHODS: FrozenSet[str] = frozenset({"mean"})
 
-_ADDITION_FUNCTIONS: FrozenSet[Callable] = frozenset({operator.add, operator.iadd, torch.add})
-_ADDITION_METHODS: FrozenSet[str] = frozenset({"add", "add_"})
-
-_CONCATENATION_FUNCTIONS: FrozenSet[Callable] = frozenset(
-    {torch.cat, torch.stack} | set(_optional("concat", "concatenate"))
+_CONV = _Kind(
+    modules=(nn.modules.conv._ConvNd,),
+    functions=frozenset({
+        F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    }),
+    aten=_aten(
+        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+        "convolution", "_convolution",
+    ),
 )
 
+_LINEAR = _Kind(
+    modules=(nn.Linear, nn.Bilinear),
+    functions=frozenset({F.linear, F.bilinear}),
+    aten=_aten("linear", "bilinear"),
+)
 
-def _is_module(node: NodeInfo, types: Tuple[type, ...]) -> bool:
-    return node.opcode == "call_module" and isinstance(node.operator, types)
+_NORM = _Kind(
+    modules=(
+        nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+        nn.LayerNorm,  # and subclasses such as torchvision's LayerNorm2d
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+    ) + _optional("RMSNorm", owner=nn),
+    functions=frozenset({
+        F.batch_norm, F.instance_norm, F.layer_norm, F.group_norm, F.local_response_norm,
+        torch.batch_norm, torch.instance_norm, torch.layer_norm, torch.group_norm,
+    } | set(_optional("rms_norm", owner=F)) | set(_optional("rms_norm"))),
+    aten=_aten(
+        "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+        "instance_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm",
+        "_fused_rms_norm",
+    ),
+)
+
+_ACTIVATION = _Kind(
+    modules=(
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU,
+        nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid,
+        nn.Tanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Threshold,
+    ),
+    functions=frozenset({
+        F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.elu, F.selu,
+        F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid,
+        F.tanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.threshold,
+        torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.selu, torch.celu, torch.prelu,
+        torch.rrelu,
+    }),
+    methods=frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}),
+    # nn.ReLU6 runs as aten.hardtanh, F.relu6 as aten.relu6; softsign and tanhshrink
+    # are decomposed into arithmetic by torch.export.
+    aten=_aten(
+        "relu", "relu6", "leaky_relu", "prelu", "_prelu_kernel", "rrelu", "rrelu_with_noise", "elu", "selu",
+        "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "hardtanh", "sigmoid", "tanh", "softplus",
+        "log_sigmoid", "log_sigmoid_forward", "threshold",
+    ),
+)
+
+_POOLING = _Kind(
+    modules=(
+        nn.modules.pooling._MaxPoolNd,
+        nn.modules.pooling._AvgPoolNd,
+        nn.modules.pooling._AdaptiveAvgPoolNd,
+        nn.modules.pooling._AdaptiveMaxPoolNd,
+        nn.modules.pooling._LPPoolNd,
+        nn.FractionalMaxPool2d,
+        nn.FractionalMaxPool3d,
+    ),
+    functions=frozenset({
+        F.max_pool1d, F.max_pool2d, F.max_pool3d,
+        F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+        F.lp_pool1d, F.lp_pool2d,
+        torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+        torch.mean,
+    }),
+    methods=frozenset({"mean"}),
+    aten=_aten(
+        "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+        "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d",
+        "fractional_max_pool3d", "mean",
+    ),
+)
+
+_ADDITION = _Kind(
+    modules=(Addition_Module,),  # captum_graph.modules.Addition among them
+    functions=frozenset({operator.add, operator.iadd, torch.add}),
+    methods=frozenset({"add", "add_"}),
+    aten=_aten("add"),
+)
+
+_CONCATENATION = _Kind(
+    modules=(Concatenate,),  # and Stack
+    functions=frozenset({torch.cat, torch.stack} | set(_optional("concat", "concatenate"))),
+    aten=_aten("cat", "concat", "concatenate", "stack"),
+)
+
+#: Values that make a node arithmetic on sizes rather than a tensor operation.
+_NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
-def _is_function(node: NodeInfo, functions: FrozenSet[Callable]) -> bool:
-    if node.opcode != "call_function":
-        return False
+def _calls(fn: Any, kind: _Kind) -> bool:
+    """Whether the function ``fn`` (an ATen overload or packet, or a Python callable) is of ``kind``."""
+    packet = getattr(fn, "overloadpacket", fn)  # aten.add.Tensor -> aten.add
     try:
-        return node.operator in functions
+        return packet in kind.aten or fn in kind.functions
     except TypeError:  # an unhashable callable cannot be one of ours
         return False
 
 
-def _is_method(node: NodeInfo, methods: FrozenSet[str]) -> bool:
-    return node.opcode == "call_method" and node.operator in methods
+def _is(node: NodeInfo, kind: _Kind) -> bool:
+    if isinstance(node.meta.get("val"), _NUMBERS):
+        return False
+    if node.opcode == "call_module":
+        module = node.operator
+        return isinstance(module, kind.modules) or (isinstance(module, Function) and _calls(module.fn, kind))
+    if node.opcode == "call_function":
+        return _calls(node.operator, kind)
+    return node.opcode == "call_method" and node.operator in kind.methods
 
 
 def conv_filter(node: NodeInfo) -> bool:
-    """A convolution: a ``Conv*d``/``ConvTranspose*d`` module or ``F.conv*d``."""
-    return _is_module(node, _CONV_MODULES) or _is_function(node, _CONV_FUNCTIONS)
+    """A convolution: ``Conv*d``/``ConvTranspose*d``, ``F.conv*d`` or ``aten.conv*d``/``aten.convolution``."""
+    return _is(node, _CONV)
 
 
 def linear_filter(node: NodeInfo) -> bool:
-    """A fully connected layer: ``nn.Linear``/``nn.Bilinear`` or ``F.linear``/``F.bilinear``."""
-    return _is_module(node, _LINEAR_MODULES) or _is_function(node, _LINEAR_FUNCTIONS)
+    """A fully connected layer: ``nn.Linear``/``nn.Bilinear``, ``F.linear``/``F.bilinear`` or ``aten.linear``."""
+    return _is(node, _LINEAR)
 
 
 def norm_filter(node: NodeInfo) -> bool:
-    """A batch, instance, layer, group, RMS or local-response normalisation, module or function."""
-    return _is_module(node, _NORM_MODULES) or _is_function(node, _NORM_FUNCTIONS)
+    """A batch, instance, layer, group, RMS or local-response normalisation: module, function or ATen op."""
+    return _is(node, _NORM)
 
 
 def activation_filter(node: NodeInfo) -> bool:
-    """An elementwise activation: module (``nn.ReLU``, ...), function (``F.relu``) or method (``x.relu()``)."""
-    return (
-        _is_module(node, _ACTIVATION_MODULES)
-        or _is_function(node, _ACTIVATION_FUNCTIONS)
-        or _is_method(node, _ACTIVATION_METHODS)
-    )
+    """An elementwise activation: ``nn.ReLU``, ``F.relu``, ``x.relu()``, ``aten.relu``, ... (not dropout)."""
+    return _is(node, _ACTIVATION)
 
 
 def pooling_filter(node: NodeInfo) -> bool:
-    """A pooling: module (``nn.MaxPool2d``, ...), function (``F.adaptive_avg_pool2d``) or ``x.mean(...)``."""
-    return (
-        _is_module(node, _POOLING_MODULES)
-        or _is_function(node, _POOLING_FUNCTIONS)
-        or _is_method(node, _POOLING_METHODS)
-    )
+    """A pooling or mean: ``nn.MaxPool2d``, ``F.adaptive_avg_pool2d``, ``x.mean(...)``, ``aten.avg_pool2d``, ..."""
+    return _is(node, _POOLING)
 
 
 def addition_filter(node: NodeInfo) -> bool:
-    """An addition: ``+``, ``+=``, ``torch.add``, ``x.add(...)`` or a Captum ``Addition_Module``."""
-    return (
-        _is_module(node, (Addition_Module,))
-        or _is_function(node, _ADDITION_FUNCTIONS)
-        or _is_method(node, _ADDITION_METHODS)
-    )
+    """An addition: ``+``, ``+=``, ``torch.add``, ``x.add(...)``, ``aten.add`` or an ``Addition_Module``."""
+    return _is(node, _ADDITION)
 
 
 def concatenation_filter(node: NodeInfo) -> bool:
-    """A concatenation: ``torch.cat``/``concat``/``stack`` or a ``captum_graph.modules.Concatenate``."""
-    return _is_module(node, (Concatenate,)) or _is_function(node, _CONCATENATION_FUNCTIONS)
+    """A concatenation: ``torch.cat``/``concat``/``stack``, ``aten.cat``/``aten.stack`` or ``Concatenate``/``Stack``."""
+    return _is(node, _CONCATENATION)
 
 
 def module_type_filter(*types: Type[nn.Module]) -> NodeFilter:
@@ -184,7 +242,7 @@ def module_type_filter(*types: Type[nn.Module]) -> NodeFilter:
 
     def module_type(node: NodeInfo) -> bool:
         """A call of a module that is an instance of one of the given types."""
-        return _is_module(node, types)
+        return node.opcode == "call_module" and isinstance(node.operator, types)
 
     module_type.__qualname__ = module_type.__name__ = (
         f"module_type_filter({', '.join(t.__qualname__ for t in types)})"

@@ -6,6 +6,7 @@ and changes nothing when run a second time. The op tables are keyed by ATen
 operator (``aten.add`` stands for all its overloads), so ``x + y``,
 ``torch.add`` and ``x.add_(y)`` in the user's code are one pattern here.
 """
+import functools
 import inspect
 import operator
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type
@@ -617,12 +618,18 @@ def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
 
 
 def _matmul(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
-    operands = [a for a in node.all_input_nodes]
-    signals = [a for a in operands if a in dependent]
-    if len(signals) < 2:
-        return _function_module(M.LinearFunction, node)
-    kind = M.AttentionMatmul if any(_comes_from_softmax(a) for a in signals) else M.Matmul
+    signals = [a for a in node.all_input_nodes if a in dependent]
+    kind = M.LinearFunction
+    if len(signals) >= 2:
+        kind = M.AttentionMatmul if any(_comes_from_softmax(a) for a in signals) else M.Matmul
+    if _packet(node) is aten.einsum:  # operands as arguments of their own, so rules see each one
+        equation, operands = node.args[0], node.args[1]
+        return kind(functools.partial(_einsum, equation)), tuple(operands), {}
     return _function_module(kind, node)
+
+
+def _einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+    return aten.einsum(equation, list(operands))
 
 
 def _comes_from_softmax(node: fx.Node) -> bool:
@@ -653,6 +660,8 @@ def _concatenation(node: fx.Node, kind: type) -> Optional[Tuple[nn.Module, tuple
 
 
 def _function_module(kind: type, node: fx.Node) -> Optional[Tuple[nn.Module, tuple, dict]]:
+    if any(isinstance(arg, (list, tuple)) and any(isinstance(a, fx.Node) for a in arg) for arg in node.args):
+        return None  # a rule sees the module's tensor arguments only: left unsupported, so it raises
     fixed = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
     passed = {k: v for k, v in node.kwargs.items() if isinstance(v, fx.Node)}
     return kind(node.target, **fixed), node.args, passed
