@@ -217,18 +217,23 @@ class ModelArchitecture:
     def find_cam_target_node(self, tokens: bool = True) -> Optional[NodeInfo]:
         """The node behind :meth:`find_cam_target_module` (may be functional).
 
-        With ``tokens`` and no feature map found, the last token node whose
-        patch tokens reach the output (see ``_last_patch_token_node``).
+        With ``tokens``, the last token node whose patch tokens reach the
+        output (see ``_last_patch_token_node``) where it comes after the last
+        feature map (a ViT's patch embedding is a feature map, its blocks'
+        tokens come later).
         """
         self._ensure_shapes()
         # adaptive pooling to a fixed grid is part of the head, never the target
         chain = [node for node in cut_nodes(self.graph) if _is_feature_map(node) and not _is_pooling(node)]
-        for node in reversed(chain):
-            if self._module_producing(self._info(node)) is not None:
-                return self._info(node)
-        if chain:
-            return self._info(chain[-1])
-        return self._last_patch_token_node() if tokens else None
+        feature = next((n for n in reversed(chain) if self._module_producing(self._info(n)) is not None), None)
+        feature = feature or (chain[-1] if chain else None)
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        after = order[chain[-1]] if chain else -1
+        if tokens and any(_is_token_sequence(node) for node in self.graph.nodes if order[node] > after):
+            token = self._last_patch_token_node()
+            if token is not None and order[token._node] > after:
+                return token
+        return None if feature is None else self._info(feature)
 
     def token_grid_reference(self, node: Union[str, NodeInfo]) -> Optional[NodeInfo]:
         """For a token node ``(N, T, C)``, the nearest upstream feature map whose grid the tokens form."""
@@ -373,6 +378,11 @@ def _backward_reachable(nodes: List[fx.Node]) -> set:
         if any(user in reached for user in node.users):
             reached.add(node)
     return reached
+
+
+def _is_token_sequence(node: fx.Node) -> bool:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return shape is not None and len(shape) == 3
 
 
 def _is_feature_map(node: fx.Node) -> bool:

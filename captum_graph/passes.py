@@ -473,7 +473,7 @@ ACTIVATIONS = frozenset({
     aten.relu, aten.relu6, aten.leaky_relu, aten.elu, aten.selu, aten.celu, aten.gelu, aten.silu,
     aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.hardtanh, aten.tanh, aten.sigmoid,
     aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout, aten.clamp,
-    aten.clamp_min, aten.clamp_max, aten.clip, aten.prelu, aten.glu, aten.log_sigmoid, aten.erf,
+    aten.clamp_min, aten.clamp_max, aten.clip, aten.prelu,
 })
 LINEAR_FUNCTIONS = frozenset({
     aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,

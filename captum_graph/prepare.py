@@ -32,7 +32,7 @@ __all__ = ["PreparedModel", "prepare", "rewrite_passes", "default_example_inputs
 CACHE_SIZE = 8
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a cache key for graphs derived from it
 class PreparedModel:
     """The rewritten graph of a model at one input signature, and where its modules are called.
 
@@ -123,22 +123,36 @@ def prepare(model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch
 
 
 def default_example_inputs(model: nn.Module) -> Tuple[Tensor]:
-    """One random image for the model's first 2-D convolution, at its ``image_size`` (else 224x224).
+    """One random example for the model's first convolution or linear layer.
+
+    An image at the model's ``image_size`` (else 224x224) for a 2-D
+    convolution, a sequence of 64 steps for a 1-D one, a vector for a linear
+    layer. A guess for when no inputs are at hand: pass real ones where you can.
 
     Raises:
-        ValueError: the model has no 2-D convolution: pass the inputs.
+        ValueError: the model has none of these layers: pass the inputs.
     """
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            size = getattr(model, "image_size", 224)
-            size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        shape = _example_shape(model, module)
+        if shape is not None:
             generator = torch.Generator().manual_seed(0)  # random, so gradients are not degenerate
-            example = torch.randn(1, module.in_channels, *size, generator=generator, dtype=module.weight.dtype)
+            example = torch.randn(shape, generator=generator, dtype=module.weight.dtype)
             return (example.to(module.weight.device),)
     raise ValueError(
-        f"{type(model).__name__} has no 2-D convolution to make an example image for; "
+        f"{type(model).__name__} has no convolution or linear layer to make an example input for; "
         "pass example inputs (the graph is captured at real inputs)"
     )
+
+
+def _example_shape(model: nn.Module, module: nn.Module) -> Optional[Tuple[int, ...]]:
+    if isinstance(module, nn.Conv2d):
+        size = getattr(model, "image_size", 224)
+        return (1, module.in_channels) + (tuple(size) if isinstance(size, (tuple, list)) else (size, size))
+    if isinstance(module, nn.Conv1d):
+        return (1, module.in_channels, 64)
+    if isinstance(module, nn.Linear):
+        return (1, module.in_features)
+    return None
 
 
 def _signature(args: Sequence[Any], dynamic_batch: bool, fold_batch_norm: bool) -> tuple:

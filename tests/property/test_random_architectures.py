@@ -11,6 +11,9 @@ at two places; global average pooling by ``x.mean((2, 3))`` or an adaptive
 pool; a Linear head. In-place ops only touch a tensor that was just produced
 by an op whose backward does not need its output (conv, addition, cat,
 pooling), and nothing has read it yet, so the eager model is valid autograd.
+The rewrite passes see the ATen graph torch.export captures at the example
+input, where each of these spellings is one operator (``aten.add``,
+``aten.add_``, ``aten.relu``, ``aten.relu_``, ...).
 """
 import os
 import sys
@@ -19,10 +22,10 @@ _TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _TESTS_DIR not in sys.path:  # harmless when tests/conftest.py already put it there
     sys.path.insert(0, _TESTS_DIR)
 
+import collections
 import dataclasses
 import math
-import operator
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 import torch
@@ -34,12 +37,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from captum_graph import modules as M
 from captum_graph import passes as passes_module
 from captum_graph.attr import LRP
+from captum_graph.capture import capture
 from captum_graph.cloning import private_copy
-from captum_graph.prepare import PASSES
+from captum_graph.prepare import rewrite_passes
 from captum_graph.rules import EPSILON_TYPES
-from captum_graph.tracing import trace
 from helpers.oracles import assert_untouched
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
@@ -276,8 +280,25 @@ def check_conservation_without_biases(arch: Arch, guard=_require) -> None:
     torch.testing.assert_close(relevance.sum((1, 2, 3)), logit, rtol=1e-6, atol=0.0)
 
 
-def _traced(model: nn.Module) -> fx.GraphModule:
-    return trace(private_copy(model), record_inplace=True)  # as prepare() does: never the user's modules
+def _pass_name(run_pass: Callable) -> str:
+    return getattr(run_pass, "__name__", None) or run_pass.func.__name__
+
+
+def _captured(model: nn.Module, x: torch.Tensor) -> Tuple[fx.GraphModule, nn.Module]:
+    """The ATen graph of a private copy of ``model`` at ``x`` (as prepare() does), and that copy."""
+    copy = private_copy(model)  # never the user's modules
+    return capture(copy, (x.clone(),)).graph_module, copy
+
+
+def _fresh(captured: fx.GraphModule, copy: nn.Module) -> Tuple[fx.GraphModule, Tuple[Callable, ...]]:
+    """A new graph with the captured nodes (``meta`` copied), and the passes bound to a new model copy.
+
+    What a pass does to it touches neither ``captured`` nor ``copy``: one
+    capture serves every pass run below.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(captured.graph, {}))
+    return fx.GraphModule(captured, graph, "Captured"), rewrite_passes(private_copy(copy))
 
 
 def _assert_same_outputs(gm: fx.GraphModule, expected: torch.Tensor, x: torch.Tensor, what: str) -> None:
@@ -286,43 +307,113 @@ def _assert_same_outputs(gm: fx.GraphModule, expected: torch.Tensor, x: torch.Te
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14, msg=lambda m: f"{what}: {m}")
 
 
-_FUNCTIONAL_PATTERNS = set(
-    passes_module.ADDITIONS + passes_module.CONCATENATIONS + passes_module.ACTIVATIONS + passes_module.LINEAR_FUNCTIONS
+#: Every ATen operator a pass turns into a module: none may be left on the input path.
+_CONVERTED = (
+    passes_module.ADDITIONS | passes_module.CONCATENATIONS | passes_module.ACTIVATIONS
+    | passes_module.LINEAR_FUNCTIONS | passes_module.PRODUCTS | passes_module.DIVISIONS
 )
 
 
+def _mutates(node: fx.Node) -> bool:
+    """An ATen operation that writes to one of its arguments (``relu_``, ``add_``)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _live_ops(arch: Arch) -> List[int]:
+    """Indices ``k`` (of ``t_k``) of the ops the output depends on.
+
+    An in-place op makes ``t_k`` the same tensor as the one it changed, so a
+    later read of any name of that tensor reads ``t_k``.
+    """
+    holder = list(range(len(arch.ops) + 1))  # holder[i]: the op whose result t_i now is
+    reads = {}
+    for k, op in enumerate(arch.ops, start=1):
+        args = (op[1], op[2]) if op[0] in ("add", "cat") else (op[1],)
+        reads[k] = [holder[i] for i in args]
+        if op[-1] == "iadd" or (op[0] == "relu" and op[2].endswith("_inplace")):
+            changed = holder[op[1]]
+            holder = [k if h == changed else h for h in holder]
+    live, frontier = set(), [holder[len(arch.ops)]]
+    while frontier:
+        k = frontier.pop()
+        if k and k not in live:
+            live.add(k)
+            frontier.extend(reads[k])
+    return sorted(live)
+
+
+def _expected_layers(arch: Arch) -> collections.Counter:
+    """One module per call site the output depends on, of the type each op of ``arch`` becomes."""
+    kinds = {
+        "conv": lambda op: nn.Conv2d,
+        "relu": lambda op: nn.ReLU if op[2].startswith("module") else M.Activation,
+        "add": lambda op: M.Addition,
+        "cat": lambda op: M.Concatenate,
+        "pool": lambda op: {"max_module": nn.MaxPool2d, "avg_module": nn.AvgPool2d}.get(op[2], M.LinearFunction),
+    }
+    layers = collections.Counter(kinds[arch.ops[k - 1][0]](arch.ops[k - 1]) for k in _live_ops(arch))
+    layers[M.LinearFunction if arch.head == "mean" else nn.AdaptiveAvgPool2d] += 1
+    layers[nn.Linear] += 1
+    return layers
+
+
+def _live_nodes(graph: fx.Graph) -> set:
+    live, frontier = set(), list(graph.find_nodes(op="output"))
+    while frontier:
+        for arg in frontier.pop().all_input_nodes:
+            if arg not in live:
+                live.add(arg)
+                frontier.append(arg)
+    return live
+
+
 def check_passes(arch: Arch) -> None:
-    """(c) Each rewrite pass keeps the outputs, and a second run changes nothing."""
+    """(c) Each rewrite pass keeps the outputs, and a second run changes nothing.
+
+    Each pass alone on the captured graph, then the pipeline in prepare()'s
+    order; the prepared graph has one module per call site, no in-place
+    operation and, on the input path, nothing but data movement left as a
+    function call.
+    """
     model = RandomNet(arch)
     x = _inputs(arch)
     with torch.no_grad():
         expected = model(x.clone())
+    captured, copy = _captured(model, x)
+    _assert_same_outputs(captured, expected, x, "captured graph, before any pass")
 
-    for run_pass in PASSES:  # each pass on its own
-        gm = _traced(model)
-        _assert_same_outputs(gm, expected, x, "traced graph, before any pass")
+    for i in range(len(rewrite_passes(copy))):  # each pass on its own
+        gm, passes = _fresh(captured, copy)
+        run_pass = passes[i]
         run_pass(gm)
         gm.graph.lint()
-        _assert_same_outputs(gm, expected, x, f"after {run_pass.__name__}")
-        assert run_pass(gm) is False, f"{run_pass.__name__} changed the graph a second time"
-        _assert_same_outputs(gm, expected, x, f"after {run_pass.__name__} twice")
+        _assert_same_outputs(gm, expected, x, f"after {_pass_name(run_pass)}")
+        assert run_pass(gm) is False, f"{_pass_name(run_pass)} changed the graph a second time"
+        _assert_same_outputs(gm, expected, x, f"after {_pass_name(run_pass)} twice")
 
-    gm = _traced(model)  # the pipeline, in prepare()'s order
-    for run_pass in PASSES:
+    gm, passes = _fresh(captured, copy)  # the pipeline, in prepare()'s order
+    for run_pass in passes:
         run_pass(gm)
-        _assert_same_outputs(gm, expected, x, f"pipeline, after {run_pass.__name__}")
-    for run_pass in PASSES:
-        assert run_pass(gm) is False, f"{run_pass.__name__} changed the prepared graph"
+        gm.graph.lint()
+        _assert_same_outputs(gm, expected, x, f"pipeline, after {_pass_name(run_pass)}")
+        code = gm.code
+        assert run_pass(gm) is False, f"{_pass_name(run_pass)} changed the graph a second time in the pipeline"
+        assert gm.code == code
+    for run_pass in passes:
+        assert run_pass(gm) is False, f"{_pass_name(run_pass)} changed the prepared graph"
 
     dependent = passes_module.input_dependent_nodes(gm.graph)
     modules = [node.target for node in gm.graph.find_nodes(op="call_module")]
     assert len(modules) == len(set(modules)), f"a module is still called at two places: {modules}"
+    live = _live_nodes(gm.graph)
+    layers = collections.Counter(type(gm.get_submodule(n.target)) for n in gm.graph.find_nodes(op="call_module") if n in live)
+    assert layers == _expected_layers(arch), f"modules {dict(layers)} for the ops {arch.ops}"
     for node in gm.graph.nodes:
-        if node in dependent and node.op in ("call_function", "call_method"):
-            assert (node.op, node.target) not in _FUNCTIONAL_PATTERNS, f"{node.format_node()} left functional"
-            assert node.target not in (operator.iadd, torch.relu_, F.relu_), f"{node.format_node()} still in place"
-            assert not (isinstance(node.target, str) and node.target.endswith("_")), node.format_node()
-            assert node.kwargs.get("inplace") is not True, node.format_node()
+        assert not _mutates(node), f"{node.format_node()} still in place"
+        if node in dependent and node.op == "call_function":
+            assert getattr(node.target, "overloadpacket", node.target) not in _CONVERTED, f"{node.format_node()} left functional"
+            assert passes_module.moves_data(node), f"{node.format_node()} is not data movement"
     assert not [name for name, m in gm.named_modules() if getattr(m, "inplace", False) is True]
 
 
@@ -333,7 +424,7 @@ def check_untouched(arch: Arch) -> None:
     with assert_untouched(model, x.clone()):  # state, flags, attributes, hooks (global too), outputs
         lrp = LRP(model, rules={EPSILON_TYPES: EpsilonRule(EPSILON)})
         lrp.attribute(x.clone(), target=target)
-        lrp.rule_report()
+        lrp.rule_report(x.clone())
 
 
 # ---------------------------------------------------------------------------

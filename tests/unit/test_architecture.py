@@ -390,9 +390,9 @@ def test_find_cam_target_module_is_none_without_feature_maps():
     assert arch.find_cam_target_module() is None
 
 
-def test_from_model_without_convolution_needs_example_inputs():
-    with pytest.raises(ValueError, match="has no 2-D convolution.*pass example inputs"):
-        ModelArchitecture.from_model(nn.Linear(2, 2))
+def test_from_model_without_a_layer_to_guess_inputs_for_needs_example_inputs():
+    with pytest.raises(ValueError, match="Sequential has no .*pass example inputs"):
+        ModelArchitecture.from_model(nn.Sequential(nn.ReLU()))
 
 
 def test_constructor_from_symbolic_trace_graph(resnet):

@@ -76,8 +76,8 @@ def test_vit_gradcam_picks_the_last_attention_input_and_returns_the_token_grid()
     model = _redraw_heads(torchvision.models.vit_b_16(image_size=64))
     x = torch.randn(2, 3, 64, 64)
     cam = graph_attr.LayerGradCam(model)
-    assert cam.layer_name == "encoder.layers.encoder_layer_11.ln_1"
     ours = cam.attribute(x, target=1, relu_attributions=True)
+    assert cam.layer_name == "encoder.layers.encoder_layer_11.ln_1"
     assert ours.shape == (2, 1, 4, 4)
     torch.testing.assert_close(ours, _vit_reference(model, x, 1), rtol=1e-4, atol=1e-6)
 
@@ -105,10 +105,10 @@ def test_token_grid_is_inferred_at_run_time_for_non_square_inputs():
     torch.manual_seed(0)
     model = _TinyViT().eval()
     cam = graph_attr.LayerGradCam(model)
-    assert cam.layer_name == "norm"
     for height, width in [(32, 32), (32, 20)]:
         x = torch.randn(2, 3, height, width)
         assert cam.attribute(x, target=0).shape == (2, 1, height // 4, width // 4)
+        assert cam.layer_name == "norm"
 
 
 @pytest.mark.parametrize("height, width", [(224, 224), (224, 160)])
@@ -222,19 +222,21 @@ def test_resnet_addition_node_by_qualified_and_fx_name():
 
 def test_a_module_called_twice_is_ambiguous_and_lists_the_calls():
     model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)  # layers resolve on the graph captured at the call
     with pytest.raises(LayerResolutionError, match=r"called at 2 places.*'layer1_0_relu'.*'layer1.0.relu_1'"):
-        graph_attr.LayerGradCam(model, model.layer1[0].relu)
+        graph_attr.LayerGradCam(model, model.layer1[0].relu).attribute(x, target=0)
     with pytest.raises(LayerResolutionError, match="called at 2 places"):
-        graph_attr.LayerGradCam(model, "layer1.0.relu")
+        graph_attr.LayerGradCam(model, "layer1.0.relu").attribute(x, target=0)
     # each call by its own name works
-    graph_attr.LayerGradCam(model, "layer1.0.relu_1")
+    cam = graph_attr.LayerGradCam(model, "layer1.0.relu_1")
+    assert cam.attribute(x, target=0).shape == (1, 1, 8, 8) and cam.layer_name == "layer1.0.relu_1"
 
 
 def test_unknown_names_suggest_close_ones():
     model = torchvision.models.resnet18().eval()
     with pytest.raises(LayerResolutionError, match=r"no module or node named 'layer4.1.ad'.*'layer4.1.add'"):
-        graph_attr.LayerGradCam(model, "layer4.1.ad")
-    with pytest.raises(LayerResolutionError, match="not a submodule"):
+        graph_attr.LayerGradCam(model, "layer4.1.ad").attribute(torch.randn(1, 3, 32, 32), target=0)
+    with pytest.raises(LayerResolutionError, match="not a submodule"):  # needs no graph: at construction
         graph_attr.LayerGradCam(model, nn.ReLU())
 
 
@@ -256,8 +258,8 @@ def test_activation_extractor_returns_output_and_activations_in_one_pass():
     assert set(activations) == {"conv", "add", "side"}
     with pytest.raises(ValueError, match="more than once: add"):
         ActivationExtractor(model, ["add", "add"])
-    with pytest.raises(LayerResolutionError, match="Did you mean"):
-        ActivationExtractor(model, ["ad"])
+    with pytest.raises(LayerResolutionError, match="Did you mean"):  # names resolve on the captured graph
+        ActivationExtractor(model, ["ad"])(x)
 
 
 def test_branches_of_residual_additions():

@@ -80,7 +80,7 @@ def test_negligible_epsilon_keeps_pass_through_and_move_rules():
     """The oracles' ``rules=`` key (a tuple of types) changes only epsilon layers (see helpers.oracles)."""
     from captum_graph.rules import MoveRule, PassThroughRule
 
-    report = {a.qualname: a for a in LRP(_tiny("torch.cat"), rules=NEGLIGIBLE_EPSILON).rule_report()}
+    report = {a.qualname: a for a in LRP(_tiny("torch.cat"), rules=NEGLIGIBLE_EPSILON).rule_report(example_input())}
     assert isinstance(report["relu"].rule, PassThroughRule)
     assert isinstance(report["block.cat"].rule, MoveRule)
     for qualname in ("stem", "block.a", "pool", "fc"):
@@ -186,8 +186,8 @@ def test_ratio_after_relu_keeps_the_epsilon_rule(batch_norm):
         getattr(theirs, name).rule = rule
     x = 3 * example_input(BATCH)
     lrp = LRP(ours, rules={name: EpsilonRule(0.5) for name in rules})
-    gm = prepare(ours).graph_module
-    assigned = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
+    gm = prepare(ours, (x,)).graph_module
+    assigned = {a.qualname: a.rule for a in lrp.rule_report(x) if a.rule is not None}
     assert fused_ratios(gm, assigned, set()).before_relu == {layer}
     assert fused_ratios(gm, assigned, {layer}).before_relu == set()
 
@@ -208,11 +208,11 @@ def _randomise_norms(model: nn.Module) -> None:
             norm.bias.uniform_(-0.5, 0.5)
 
 
-def _fused_plan(lrp: LRP, model: nn.Module):
+def _fused_plan(lrp: LRP, model: nn.Module, x: torch.Tensor):
     from captum_graph.fusion import fused_ratios
 
-    gm = captum_graph.prepare(model).graph_module
-    by_name = {a.qualname: a.rule for a in lrp.rule_report() if a.rule is not None}
+    gm = captum_graph.prepare(model, (x,)).graph_module
+    by_name = {a.qualname: a.rule for a in lrp.rule_report(x) if a.rule is not None}
     rules = {n.target: by_name[n.meta.get("qualname", n.name)] for n in gm.graph.find_nodes(op="call_module")
              if n.meta.get("qualname", n.name) in by_name}
     return fused_ratios(gm, rules, set())
@@ -236,12 +236,12 @@ def test_fused_ratios_on_a_residual_block_match_captum():
     for name in ("conv1", "bn1", "conv2", "bn2", "add", "conv3", "bn3", "pool", "fc"):
         getattr(theirs, name).rule = EpsilonRule(0.5)
     lrp = LRP(ours, rules=_all_epsilon(0.5))
-    fused = _fused_plan(lrp, ours)
+    x = 3 * example_input(BATCH)
+    fused = _fused_plan(lrp, ours, x)
     assert fused.before_relu == {"bn1", "add"} and set(fused.relus) == {"relu1", "relu2"}
     assert set(fused.batch_norms) == {"bn2", "bn3"} and len(fused.in_place_additions) == 1
     assert {"conv1", "conv2", "conv3"} <= set(fused.at_output), "a convolution's ratio is not fused with its batch norm"
 
-    x = 3 * example_input(BATCH)
     expected = ca.LRP(theirs).attribute(x, target=TARGETS["list"])
     _close(lrp.attribute(x, target=TARGETS["list"]), expected)
     _close(lrp.attribute(x, target=TARGETS["list"]), expected)  # the fused forwards were put back
@@ -262,7 +262,8 @@ def test_fused_ratios_through_concatenations(input_in_concatenation, monkeypatch
     ours = DenseBlockNet(input_in_concatenation).double().eval()
     _randomise_norms(ours)
     lrp = LRP(ours, rules=_all_epsilon(0.5))
-    fused = _fused_plan(lrp, ours)
+    x = example_input(BATCH)
+    fused = _fused_plan(lrp, ours, x)
     if input_in_concatenation:  # every feature reaches a concatenation holding the input
         assert not {"conv1", "conv2", "norm0"} & (set(fused.at_output) | fused.before_relu)
         assert not {"norm1", "norm2", "norm3"} & set(fused.ratio_args)
@@ -579,7 +580,7 @@ def test_layer_lrp_list_and_delta():
 def test_layer_lrp_ambiguous_module_lists_call_sites():
     model = SharedConvNet().double()
     with pytest.raises(captum_graph.LayerResolutionError, match=r"conv.*2 places") as info:
-        LayerLRP(model, model.conv)
+        LayerLRP(model, model.conv).attribute(example_input(BATCH), target=0)  # resolved on the captured graph
     assert isinstance(info.value, ValueError)
     assert "'conv'" in str(info.value) and "conv_1" in str(info.value)
 
@@ -591,7 +592,7 @@ def test_rules_by_name_cover_a_subtree_only():
     model = _tiny("a + b")
     x = example_input(BATCH)
     lrp = LRP(model, rules={"block": GammaRule()})
-    report = {a.qualname: a for a in lrp.rule_report()}
+    report = {a.qualname: a for a in lrp.rule_report(x)}
     for qualname in ("block.a", "block.b"):
         assert isinstance(report[qualname].rule, GammaRule), report[qualname]
         assert "block" in report[qualname].source
@@ -600,19 +601,20 @@ def test_rules_by_name_cover_a_subtree_only():
     default = LRP(model).attribute(x, target=1)
     assert not torch.allclose(lrp.attribute(x, target=1), default)
     # a name key matches whole path components only: 'bloc' names nothing, and says so
-    with pytest.raises(ValueError, match="bloc"):
-        LRP(model, rules={"bloc": GammaRule()})
+    with pytest.raises(ValueError, match="bloc"):  # checked against the graph captured at the call
+        LRP(model, rules={"bloc": GammaRule()}).attribute(x, target=1)
 
 
 def test_rules_by_type_and_precedence():
     model = SequentialNet().double()
     model.fc.rule = EpsilonRule(0.5)
     rules = {"conv": GammaRule(), nn.Conv2d: Alpha1_Beta0_Rule(), nn.Linear: GammaRule()}
-    report = {a.qualname: a for a in LRP(model, rules=rules).rule_report()}
+    x = example_input(BATCH)
+    report = {a.qualname: a for a in LRP(model, rules=rules).rule_report(x)}
     assert isinstance(report["conv"].rule, GammaRule)  # a name beats a type
     # module.rule beats both
     assert type(report["fc"].rule) is EpsilonRule and report["fc"].rule.STABILITY_FACTOR == 0.5
-    report = {a.qualname: a for a in LRP(model, rules={nn.Conv2d: Alpha1_Beta0_Rule()}).rule_report()}
+    report = {a.qualname: a for a in LRP(model, rules={nn.Conv2d: Alpha1_Beta0_Rule()}).rule_report(x)}
     assert isinstance(report["conv"].rule, Alpha1_Beta0_Rule)
 
 
@@ -678,7 +680,7 @@ def test_unknown_operation_raises_with_node_line_and_advice():
 
 def test_rule_report_marks_unknown_operation():
     model = TinyNet(ErfBlock()).double().eval()
-    report = LRP(model).rule_report()
+    report = LRP(model).rule_report(example_input(BATCH))
     problems = [a for a in report if a.problem]
     assert [a.qualname for a in problems] == ["block.erf"]
     assert "register_rule" in problems[0].problem

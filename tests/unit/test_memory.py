@@ -66,11 +66,12 @@ def test_no_reference_to_inputs_or_results_is_kept(method):
 def test_prepared_graph_is_reused_by_later_calls_and_other_instances():
     model, x = _residual(), example_input()
     lrp = LRP(model)
-    first = lrp.prepared
+    first = lrp.prepared(x)
     lrp.attribute(x, target=0)
     LayerLRP(model, "block.add").attribute(x, target=0)
-    assert lrp.prepared is first
-    assert LRP(model).prepared is first
+    assert lrp.prepared(x) is first
+    assert LRP(model).prepared(x) is first
+    assert lrp.prepared(torch.cat([x, x, x])) is first, "a dynamic batch dimension: no capture for another batch size"
 
 
 @pytest.mark.parametrize(
@@ -85,11 +86,11 @@ def test_prepared_graph_is_reused_by_later_calls_and_other_instances():
 def test_prepared_graph_is_rebuilt_after_a_parameter_changes(change):
     model, x = _residual(), example_input()
     lrp = LRP(model)
-    first = lrp.prepared
+    first = lrp.prepared(x)
     before = lrp.attribute(x, target=0)
     with torch.no_grad():
         change(model)
-    assert lrp.prepared is not first
+    assert lrp.prepared(x) is not first
     after = lrp.attribute(x, target=0)
     reference = LRP(copy.deepcopy(model)).attribute(x, target=0)  # never prepared before
     torch.testing.assert_close(after, reference, rtol=0, atol=0)

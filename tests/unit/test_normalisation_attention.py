@@ -9,14 +9,13 @@ from torch import nn
 
 from captum_graph import prepare
 from captum_graph.attr import LRP
-from captum_graph.linearized import ConstantSoftmax, group_norm, layer_norm
+from captum_graph.linearized import group_norm, layer_norm
 from captum_graph.passes import fold_batch_norms
 from captum_graph.report import branch_relevance, model_report
 from captum.attr._utils.lrp_rules import EpsilonRule
 
 from captum_graph.modules import Product as UniformSplit
 from captum_graph.rules import EPSILON_TYPES, UniformSplitRule
-from captum_graph.tracing import trace
 from captum_graph.cloning import private_copy
 from helpers.oracles import assert_untouched as untouched
 
@@ -152,20 +151,43 @@ def test_multihead_attention_keeps_its_values_and_conserves():
     with untouched(model, x):
         relevance = _relevance(model, x, target=2)
     torch.testing.assert_close(relevance.flatten(1).sum(1), model(x)[:, 2].detach(), rtol=1e-7, atol=1e-10)
-    # the linearised attention computes the same values as the module
-    from captum_graph.linearized import linearized_forward
-
-    values = linearized_forward(attention)(x, x, x, need_weights=False)[0]
-    torch.testing.assert_close(values, attention(x, x, x, need_weights=False)[0])
 
 
-def test_constant_softmax_detaches_only_the_probabilities():
-    x = torch.randn(3, 4, dtype=DTYPE, requires_grad=True)
-    with ConstantSoftmax():
-        p = F.softmax(x, -1)
-        y = x * 2
-    assert not p.requires_grad and y.requires_grad
-    torch.testing.assert_close(p, F.softmax(x, -1).detach())
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"is_causal": True}, {"scale": 0.3}, {"mask": "bool"}, {"mask": "float"}, {"enable_gqa": True}],
+    ids=["plain", "causal", "scale", "bool mask", "additive mask", "grouped queries"],
+)
+def test_linearised_attention_equals_sdpa_and_holds_probabilities_constant(options):
+    from captum_graph.linearized import attention
+
+    heads_kv = 1 if options.get("enable_gqa") else 2
+    q = torch.randn(2, 2, 5, 4, dtype=DTYPE, requires_grad=True)
+    k = torch.randn(2, heads_kv, 5, 4, dtype=DTYPE, requires_grad=True)
+    v = torch.randn(2, heads_kv, 5, 4, dtype=DTYPE, requires_grad=True)
+    kwargs = {key: value for key, value in options.items() if key != "mask"}
+    if options.get("mask") == "bool":
+        kwargs["attn_mask"] = torch.rand(5, 5) > 0.3
+        kwargs["attn_mask"][:, 0] = True  # every query sees some key
+    elif options.get("mask") == "float":
+        kwargs["attn_mask"] = torch.randn(5, 5, dtype=DTYPE)
+    out = attention(q, k, v, **kwargs)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert grads[0] is None and grads[1] is None, "the probabilities must be constants"
+    assert grads[2] is not None and grads[2].abs().sum() > 0
+
+
+def _rewritten(model: nn.Module, x: torch.Tensor):
+    """A fresh rewritten graph (prepare's is cached and shared: passes below may change this one)."""
+    from captum_graph.capture import capture
+    from captum_graph.prepare import rewrite_passes
+
+    copy = private_copy(model)
+    gm = capture(copy, (x,)).graph_module
+    for run_pass in rewrite_passes(copy):
+        run_pass(gm)
+    return gm
 
 
 def test_fold_batch_norms_keeps_outputs_and_is_idempotent():
@@ -180,7 +202,7 @@ def test_fold_batch_norms_keeps_outputs_and_is_idempotent():
                 m.bias.normal_()
     x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
     with untouched(model, x):
-        gm = trace(private_copy(model))
+        gm = _rewritten(model, x)
         assert fold_batch_norms(gm)
         assert not any(isinstance(gm.get_submodule(n.target), nn.BatchNorm2d) for n in gm.graph.find_nodes(op="call_module"))
         gm.graph.lint()
@@ -196,7 +218,7 @@ def test_fold_batch_norms_keeps_outputs_and_is_idempotent():
 
 def test_batch_norm_in_training_mode_is_not_folded():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
-    gm = trace(private_copy(model))
+    gm = _rewritten(model, torch.randn(2, 3, 8, 8))
     assert not fold_batch_norms(gm)
 
 

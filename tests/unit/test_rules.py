@@ -15,7 +15,7 @@ from torch import nn
 
 import captum_graph
 from captum_graph import rules as rules_module
-from captum_graph import tracing as tracing_module
+from captum_graph import passes as passes_module
 from captum_graph.attr import LRP
 from captum_graph.errors import UnsupportedOperationError
 from captum_graph.rules import FlatRule, PassThroughRule, ZBoxRule, ZPlusRule
@@ -347,7 +347,7 @@ def test_rules_by_name_longest_prefix_wins_and_covers_children():
     _assert_entry(_report(LRP(_seeded(Nested), rules={"block.1": GammaRule()}))["block.1"], GammaRule, "rules['block.1']")
     # 'fc' is not a prefix of 'fc1' in the qualified-name sense ('fc.' would be): it names nothing
     with pytest.raises(ValueError, match=r"rules\['fc'\] names no module or node.*'fc1'"):
-        LRP(_seeded(Nested), rules={"fc": FlatRule()})
+        LRP(_seeded(Nested), rules={"fc": FlatRule()}).rule_report()  # names are checked on the captured graph
 
 
 def test_rules_by_type_tuple_key():
@@ -485,7 +485,7 @@ class MyEpsilonRule(EpsilonRule):
 def clean_registries(monkeypatch):
     """Registering in a test must not leak: fresh copies of the rule and leaf registries."""
     monkeypatch.setattr(rules_module, "_DEFAULT_RULES", list(rules_module._DEFAULT_RULES))
-    monkeypatch.setattr(tracing_module, "_LEAF_MODULES", set(tracing_module._LEAF_MODULES))
+    monkeypatch.setattr(passes_module, "_LEAF_MODULES", set(passes_module._LEAF_MODULES))
 
 
 def test_custom_leaf_module_without_rule_is_reported_and_refused(clean_registries):

@@ -1,4 +1,4 @@
-"""Every torchvision classification family traces, and gets the Grad-CAM target users expect.
+"""Every torchvision classification family is captured (torch.export), and gets the Grad-CAM target users expect.
 
 Models are built with ``weights=None`` (no downloads) in eval mode and run on
 the smallest input that keeps a spatial feature map of at least 2x2 before
@@ -19,7 +19,15 @@ innermost module whose output is that tensor (e.g. ``layer4.1.relu`` for
 ``layer4[-1]``), so each case also names the recommended module, and the test
 checks on a real forward pass that both produce the same tensor.
 
-``slow``: the models whose three tests together take over ~1.5 s on two cores
+Each model is captured once, with ``captum_graph.prepare(model, (x,))`` at its
+small input (the fixture's capture is the cache entry every test reads). The
+graph is one of ATen operations in which the model's modules are private
+copies (one per call site: ``layer4.1.relu_1`` is the second call of
+``layer4.1.relu``) and functional operations are captum_graph modules
+(``layer4.1.add``); names, operators and the Grad-CAM target are still the
+model's.
+
+``slow``: the models whose tests together take over ~1.5 s on two cores
 (building the large ones dominates); they still run in CI.
 """
 from collections import Counter
@@ -29,8 +37,10 @@ import pytest
 import torch
 import torchvision
 
+import captum_graph
 from captum_graph import ModelArchitecture
-from captum_graph.tracing import trace
+from captum_graph import modules as M
+from captum_graph.prepare import PreparedModel
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
@@ -98,6 +108,7 @@ class Zoo(NamedTuple):
     x: torch.Tensor
     output: torch.Tensor
     captured: Dict[str, torch.Tensor]  # last output of the expected and recommended modules
+    prepared: PreparedModel  # captum_graph.prepare(model, (x,)), the cache entry every test reads
 
 
 @pytest.fixture(scope="module", params=_params())
@@ -123,7 +134,8 @@ def zoo(request):
     finally:
         for handle in handles:
             handle.remove()
-    return Zoo(name, case, model, x, output, captured)
+    prepared = captum_graph.prepare(model, (x,))
+    return Zoo(name, case, model, x, output, captured, prepared)
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +143,29 @@ def zoo_arch(zoo):
     return ModelArchitecture.from_model(zoo.model, example_inputs=(zoo.x,))
 
 
-def test_traced_output_equals_model_output(zoo):
-    gm = trace(zoo.model)
+def test_captured_output_equals_model_output(zoo):
+    prepared = zoo.prepared
+    assert not prepared.path_specific, f"{zoo.name}: captured along one path (draft export)"
+    assert prepared.dynamic_batch, f"{zoo.name}: batch size specialised"
+    assert captum_graph.prepare(zoo.model, (zoo.x,)) is prepared, f"{zoo.name}: not cached"
     with torch.no_grad():
-        traced = gm(zoo.x)
-    assert traced.dtype == torch.float32
-    assert traced.shape == zoo.output.shape, zoo.name
-    difference = (traced - zoo.output).abs().max().item()
-    assert torch.allclose(traced, zoo.output, rtol=1e-5, atol=1e-6), f"{zoo.name}: traced output differs by {difference}"
+        captured = prepared.graph_module(zoo.x)
+    assert captured.dtype == torch.float32
+    assert captured.shape == zoo.output.shape, zoo.name
+    difference = (captured - zoo.output).abs().max().item()
+    assert torch.allclose(captured, zoo.output, rtol=1e-5, atol=1e-6), f"{zoo.name}: captured output differs by {difference}"
+
+
+def _module_path(node) -> str:
+    """The model's path of the module a call_module node stands for (its target may be a call-site copy)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else node.target
 
 
 def test_model_architecture_nodes(zoo, zoo_arch):
     nodes = zoo_arch.list_nodes()
     assert nodes[0].opcode == "placeholder" and nodes[-1].opcode == "output", zoo.name
+    assert [n.name for n in nodes if n.opcode == "placeholder"] == ["x"], zoo.name
     for node in nodes[:3] + nodes[-3:]:
         assert zoo_arch.get_node(node.name) == node, f"{zoo.name}: get_node({node.name!r})"
         assert zoo_arch.get_node(node.qualname) == node, f"{zoo.name}: get_node({node.qualname!r})"
@@ -156,12 +178,32 @@ def test_model_architecture_nodes(zoo, zoo_arch):
     # fx name would silently resolve to that other node.
     clashes = [(n.name, n.qualname) for n in nodes if by_name.get(n.qualname, n) is not n]
     assert not clashes, f"{zoo.name}: (node, qualified name) naming another node: {clashes}"
+    # every call_module node is a module of the model (by its path) or a rewritten ATen operation
     for node in nodes:
-        if node.opcode == "call_module":
-            assert node.operator is zoo.model.get_submodule(node.target), f"{zoo.name}: {node.name}"
+        if node.opcode != "call_module":
+            continue
+        module = zoo.prepared.graph_module.get_submodule(node.target)
+        if "replaced" in node.meta:
+            assert type(module).__module__ == M.__name__, f"{zoo.name}: {node.qualname} is {type(module)}"
+            assert node.meta["replaced"].startswith("aten."), f"{zoo.name}: {node.qualname} replaced {node.meta['replaced']}"
+        else:
+            own = zoo.model.get_submodule(_module_path(node))
+            assert type(module) is type(own), f"{zoo.name}: {node.qualname}: {type(module)} for {type(own)}"
+            for (pname, param), (_, original) in zip(module.named_parameters(), own.named_parameters()):
+                assert param.data_ptr() == original.data_ptr(), f"{zoo.name}: {node.qualname}.{pname} not shared"
     # modules returning a tensor have a shape (attention returns a tuple: no single shape)
     tensor_modules = [n for n in nodes if n.opcode == "call_module" and not isinstance(n.meta.get("tensor_meta"), tuple)]
     assert all(n.shape is not None for n in tensor_modules), zoo.name
+
+
+def test_call_module_nodes_are_the_models_modules(zoo, zoo_arch):
+    """NodeInfo.operator of a call of one of the model's modules is the model's own module."""
+    wrong = [
+        n.qualname for n in zoo_arch.list_nodes()
+        if n.opcode == "call_module" and "replaced" not in n.meta
+        and n.operator is not zoo.model.get_submodule(_module_path(n))
+    ]
+    assert not wrong, f"{zoo.name}: operator is not the model's module for {wrong[:5]} ({len(wrong)} nodes)"
 
 
 def test_find_cam_target_module(zoo, zoo_arch):
@@ -172,9 +214,18 @@ def test_find_cam_target_module(zoo, zoo_arch):
     assert found is not None, f"{zoo.name}: no CAM target found"
     name, module = found
     assert name == zoo.case.cam, f"{zoo.name}: CAM target {name!r}, expected {zoo.case.cam!r}"
-    assert module is zoo.model.get_submodule(zoo.case.cam), f"{zoo.name}: not the model's own module"
     got, recommended = zoo.captured[zoo.case.cam], zoo.case.transform(zoo.captured[zoo.case.recommended])
     assert got.dim() == 4 and got.shape[2] * got.shape[3] > 1, f"{zoo.name}: {tuple(got.shape)} is no feature map"
     assert torch.equal(got, recommended), (
         f"{zoo.name}: {zoo.case.cam!r} does not output the same tensor as {zoo.case.recommended!r}"
+    )
+
+
+def test_cam_target_is_the_models_own_module(zoo, zoo_arch):
+    found = zoo_arch.find_cam_target_module()
+    if zoo.case.cam is None or found is None:
+        pytest.skip("no CAM target (test_find_cam_target_module checks that)")
+    name, module = found
+    assert module is zoo.model.get_submodule(zoo.case.cam), (
+        f"{zoo.name}: CAM target {name!r} is {type(module).__name__} {id(module):#x}, not the model's own module"
     )

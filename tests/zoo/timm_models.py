@@ -22,9 +22,12 @@ program reproduces the model's output.
 
 ``EXCLUDED`` maps a module to the reason it has no entry.
 """
-from typing import Dict, Set, Tuple
+from typing import Dict, FrozenSet, Set, Tuple
 
-__all__ = ["TIMM_MODELS", "EXCLUDED", "FAST", "timm_model_modules"]
+__all__ = [
+    "TIMM_MODELS", "EXCLUDED", "NO_CONSERVATION", "TIMM_ADDITIVE_CONSTANT_NAMES", "TIMM_CONSTANT_MODULES",
+    "FAST", "timm_model_modules",
+]
 
 _N = {"num_classes": 10}
 #: a small transformer: two blocks, width 64, two heads
@@ -144,6 +147,37 @@ TIMM_MODELS: Dict[str, Tuple[str, dict, Tuple[int, int]]] = {
 
 #: module -> why it has no entry
 EXCLUDED: Dict[str, str] = {}
+
+#: module -> why its bias-free copy still adds a constant, so that the
+#: conservation oracle cannot apply (the finite-map check still runs)
+NO_CONSERVATION: Dict[str, str] = {
+    "csatv2": "its DCT stem un-normalises with fixed ImageNet statistics and converts to YCbCr with literal "
+              "offsets (+128) before the DCT: constants in the code, not parameters that can be zeroed",
+    "gemma4_vit": "its patch embedding maps pixels with 2 * (x - 0.5): a literal constant in the code",
+    "iformer": "its attention values are sigmoid(conv(x)) (0.5 at x = 0), a sigmoid used as the signal, "
+               "not as a gate, so relevance through it cannot be conserved",
+}
+
+#: Names (last component) of timm parameters that add a constant to the signal
+#: and are not in ``helpers.oracles.ADDITIVE_CONSTANT_NAMES`` (yet). Found by
+#: zeroing those names in every entry and checking that model(0) == 0.
+TIMM_ADDITIVE_CONSTANT_NAMES: FrozenSet[str] = frozenset({
+    "q_bias", "k_bias", "v_bias",  # beit, eva, swin v2: qkv biases kept apart (v_bias adds to the values)
+    "cls_token1", "cls_token2", "cls_token3", "cls_token4",  # coat: one class token per stage
+    "cls_token_0", "cls_token_1",  # crossvit: one per branch
+    "pos_embed_0", "pos_embed_1",  # crossvit
+    "pos_embed1", "pos_embed2", "pos_embed3",  # visformer: one per stage
+    "pos_embed_x", "pos_embed_y",  # naflexvit: factorised positional embedding
+    "pos_embed_window",  # hieradet_sam2: tiled window positional embedding
+    "position_embedding_table",  # gemma4_vit: looked up by patch coordinates
+    "patch_pos", "pixel_pos",  # tnt: outer and inner positional embeddings
+    "bias_ih_l0", "bias_hh_l0", "bias_ih_l0_reverse", "bias_hh_l0_reverse",  # sequencer: nn.LSTM biases
+})
+
+#: Class names of timm modules that make a constant from no input at all (a
+#: sine/cosine positional encoding projected by a convolution): the bias-free
+#: copy zeroes their parameters. edgenext and xcit use it.
+TIMM_CONSTANT_MODULES: FrozenSet[str] = frozenset({"PositionalEncodingFourier"})
 
 #: the entries the default (not slow) test run covers
 FAST: Set[str] = {"resnet", "efficientnet", "convnext", "vision_transformer", "nfnet", "byobnet"}

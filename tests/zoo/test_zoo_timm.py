@@ -1,0 +1,136 @@
+"""LRP on one small model of every timm model module (float64).
+
+The table is :mod:`timm_models` (next to this file): for every module of
+``timm.models`` that registers models, its smallest model, shrunk by keyword
+arguments, at the smallest input it takes. Two checks per entry:
+
+* conservation (DESIGN.md oracle 2): with every additive constant zeroed, the
+  input relevance sums to the target logit per example within 1e-6 relative.
+  Epsilon is negligible (1e-15) so the check measures the rules, not the
+  stabiliser. Entries whose code adds literal constants are listed, with the
+  reason, in ``NO_CONSERVATION``;
+* on the model as built (biases and all), LRP with the default rules gives a
+  finite map shaped like the input and leaves the model untouched.
+
+And two bookkeeping checks: every timm model module has an entry or a reason
+in ``EXCLUDED`` (so a new timm module is noticed), and every entry names a
+model of its own module.
+
+All but the entries in ``FAST`` are marked slow.
+"""
+import pytest
+
+timm = pytest.importorskip("timm")
+
+import torch  # noqa: E402
+from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: E402
+
+from captum_graph.attr import LRP  # noqa: E402
+from captum_graph.rules import EPSILON_TYPES  # noqa: E402
+from helpers.oracles import (  # noqa: E402
+    ADDITIVE_CONSTANT_NAMES,
+    assert_conserves,
+    make_meaningful,
+    zero_additive_constants,
+)
+from timm_models import (  # noqa: E402
+    EXCLUDED,
+    FAST,
+    NO_CONSERVATION,
+    TIMM_ADDITIVE_CONSTANT_NAMES,
+    TIMM_CONSTANT_MODULES,
+    TIMM_MODELS,
+    timm_model_modules,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")
+
+TINY_EPSILON = {EPSILON_TYPES: EpsilonRule(1e-15)}
+TARGETS = [3, 7]
+
+
+def _build(module: str, bias_free: bool):
+    """The entry's model, float64 and eval, with weights that exercise every term; and its input."""
+    name, kwargs, (height, width) = TIMM_MODELS[module]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    x = torch.randn(2, 3, height, width, dtype=torch.float64)
+    make_meaningful(model, x)
+    if bias_free:
+        zero_additive_constants(model)
+        extra = TIMM_ADDITIVE_CONSTANT_NAMES - ADDITIVE_CONSTANT_NAMES
+        with torch.no_grad():
+            for qualname, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+                if qualname.rsplit(".", 1)[-1] in extra:
+                    tensor.zero_()
+            for submodule in model.modules():
+                if type(submodule).__name__ in TIMM_CONSTANT_MODULES:
+                    for parameter in submodule.parameters():
+                        parameter.zero_()
+    return model, x
+
+
+def _params():
+    return [
+        pytest.param(module, id=module, marks=[] if module in FAST else [pytest.mark.slow])
+        for module in TIMM_MODELS
+    ]
+
+
+@pytest.mark.parametrize("module", _params())
+def test_relevance_is_conserved(module):
+    if module in NO_CONSERVATION:
+        pytest.skip(NO_CONSERVATION[module])
+    model, x = _build(module, bias_free=True)
+    with torch.no_grad():
+        at_zero = model(torch.zeros_like(x))
+        logits = model(x)[torch.arange(len(TARGETS)), TARGETS]
+    # the oracle's own premise: a model without additive constants maps 0 to 0
+    assert float(at_zero.abs().max()) <= 1e-9 * float(logits.abs().max()), (
+        f"{module}: the bias-free copy still adds a constant (max |model(0)| {float(at_zero.abs().max()):.3e}); "
+        f"name it in timm_models.TIMM_ADDITIVE_CONSTANT_NAMES"
+    )
+    assert (logits.abs() > 1e-6).all(), f"{module}: degenerate logits {logits.tolist()}; the check would mean nothing"
+    relevance = LRP(model, rules=TINY_EPSILON).attribute(x, target=TARGETS)
+    assert relevance.shape == x.shape, f"{module}: relevance shape {tuple(relevance.shape)} != {tuple(x.shape)}"
+    assert torch.isfinite(relevance).all(), f"{module}: non-finite relevance"
+    assert_conserves(relevance, logits, module)
+
+
+@pytest.mark.parametrize("module", _params())
+def test_original_model_gives_a_finite_map(module, assert_untouched):
+    model, x = _build(module, bias_free=False)
+    with assert_untouched(model, x):
+        relevance = LRP(model).attribute(x, target=TARGETS)
+    assert relevance.shape == x.shape, f"{module}: relevance shape {tuple(relevance.shape)} != {tuple(x.shape)}"
+    assert torch.isfinite(relevance).all(), f"{module}: non-finite relevance"
+    assert relevance.abs().sum() > 0, f"{module}: all-zero relevance"
+
+
+def test_every_timm_model_module_has_an_entry_or_a_reason():
+    modules = timm_model_modules()
+    both = set(TIMM_MODELS) & set(EXCLUDED)
+    assert not both, f"in both TIMM_MODELS and EXCLUDED: {sorted(both)}"
+    new = modules - set(TIMM_MODELS) - set(EXCLUDED)
+    assert not new, (
+        f"timm {timm.__version__} has model modules the zoo does not know: {sorted(new)}; add each to "
+        f"timm_models.TIMM_MODELS (its smallest model and input) or to timm_models.EXCLUDED (with the reason)"
+    )
+    gone = (set(TIMM_MODELS) | set(EXCLUDED)) - modules
+    assert not gone, f"timm {timm.__version__} no longer has the model modules {sorted(gone)}"
+
+
+def test_every_exclusion_names_a_reason():
+    for table_name, table in (("EXCLUDED", EXCLUDED), ("NO_CONSERVATION", NO_CONSERVATION)):
+        for module, reason in table.items():
+            assert isinstance(reason, str) and len(reason.split()) >= 3, (
+                f"{table_name}[{module!r}] needs a concrete reason, got {reason!r}"
+            )
+    assert set(NO_CONSERVATION) <= set(TIMM_MODELS), sorted(set(NO_CONSERVATION) - set(TIMM_MODELS))
+    assert FAST <= set(TIMM_MODELS), sorted(FAST - set(TIMM_MODELS))
+
+
+def test_every_entry_is_a_model_of_its_module():
+    for module, (name, kwargs, (height, width)) in TIMM_MODELS.items():
+        assert name in timm.list_models(module=module), f"{module}: {name} is not one of its models"
+        assert isinstance(kwargs, dict) and height > 0 and width > 0, module
