@@ -90,23 +90,33 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, An
 
 
 def _export(call: _Call, tensors: Tuple[Tensor, ...]):
-    """``torch.export`` with a dynamic batch where possible; the taken path on data-dependent branches."""
+    """``torch.export`` with a dynamic batch where possible; the taken path on data-dependent branches.
+
+    A graph whose batch size export fixed is captured at the call's own tensors.
+    """
     # A batch of one would be specialised to one: capture at two, the graph is the same.
     examples = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in tensors)
     dynamic = (tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in examples),)
     try:
-        return torch.export.export(call, examples, dynamic_shapes=dynamic, strict=False), False
-    except Exception as error:  # noqa: BLE001 - classified below, re-raised with context
-        first_error = error
+        exported = torch.export.export(call, examples, dynamic_shapes=dynamic, strict=False)
+        if _batch_is_symbolic(exported) or all(e is t for e, t in zip(examples, tensors)):
+            return exported, False
+    except Exception:  # noqa: BLE001 - a fixed batch may still work; its error is the one to show
+        pass
     try:
         return torch.export.export(call, tensors, strict=False), False
     except Exception as error:  # noqa: BLE001
         if not _is_data_dependent(error):
-            raise _capture_error(first_error if _is_data_dependent(first_error) else error, call) from error
+            raise _capture_error(error, call) from error
     try:
         return torch.export.draft_export(call, tensors, strict=False), True
     except Exception as error:  # noqa: BLE001
         raise _capture_error(error, call) from error
+
+
+def _batch_is_symbolic(exported) -> bool:
+    inputs = set(exported.graph_signature.user_inputs)
+    return any(_has_symbolic_batch(node) for node in exported.graph.nodes if node.op == "placeholder" and node.name in inputs)
 
 
 def _is_data_dependent(error: BaseException) -> bool:

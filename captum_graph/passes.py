@@ -32,6 +32,7 @@ __all__ = [
     "DATA_MOVEMENT",
     "moves_data",
     "input_dependent_nodes",
+    "view_base",
     "relevance_carrying_nodes",
 ]
 
@@ -47,9 +48,15 @@ def _finish(gm: fx.GraphModule, changed: bool) -> bool:
 
 
 def _packet(node: fx.Node) -> Any:
-    """The ATen operator of a node (``aten.add`` for ``aten.add_.Tensor``), else its target."""
-    target = node.target
-    return getattr(target, "overloadpacket", target) if node.op == "call_function" else None
+    """The ATen operator of a node (``aten.add`` for ``aten.add_.Tensor``), also once it is a
+    :class:`~captum_graph.modules.Function` module; else the function called, or ``None``."""
+    if node.op == "call_module":
+        target = node.meta.get("replaced_op") or getattr(node.graph.owning_module.get_submodule(node.target), "fn", None)
+    elif node.op == "call_function":
+        target = node.target
+    else:
+        return None
+    return getattr(target, "overloadpacket", target)
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +127,7 @@ def _relevance_inputs(gm: fx.GraphModule, node: fx.Node) -> List[fx.Node]:
 VIEWS = frozenset({
     aten.view, aten._unsafe_view, aten.reshape, aten.slice, aten.select, aten.transpose, aten.permute,
     aten.unsqueeze, aten.squeeze, aten.expand, aten.as_strided, aten.t, aten.narrow, aten.diagonal,
-    aten.alias, aten.unflatten, aten.flatten, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
+    aten.alias, aten.unflatten, aten.flatten, aten.reshape_as, aten.ravel, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,
     aten.view_as, aten.expand_as, aten.swapaxes, aten.movedim, aten.detach, aten.contiguous,
 })
 
@@ -129,9 +136,10 @@ def remove_inplace(gm: fx.GraphModule) -> bool:
     """Make in-place ATen operations out-of-place (``aten.relu_`` -> ``aten.relu``).
 
     Later readers of the mutated tensor read the new node. An in-place
-    operation on a view whose base (or another view of it) is read later
-    stays as it is, marked ``meta["inplace_on_view"]``: harmless where no
-    relevance flows (masks), an error at rule assignment where it does.
+    operation on a tensor another view of whose memory is read later (its
+    base, a view of it or of the base) stays as it is, marked
+    ``meta["inplace_on_view"]``: harmless where no relevance flows (masks), an
+    error at rule assignment where it does.
     Idempotent.
     """
     changed = False
@@ -160,13 +168,16 @@ def _out_of_place(node: fx.Node) -> Optional[Any]:
     return getattr(packet, node.target._overloadname, None) if packet is not None else None
 
 
+def view_base(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` is a view of (itself if it is none)."""
+    while node.op == "call_function" and (_packet(node) in VIEWS or node.target is operator.getitem):
+        node = node.args[0]
+    return node
+
+
 def _aliases_read_later(node: fx.Node, mutated: fx.Node) -> bool:
-    """Whether a tensor sharing memory with ``mutated`` (its base, other views) is read after ``node``."""
-    base = mutated
-    while base.op == "call_function" and _packet(base) in VIEWS or base.target is operator.getitem:
-        base = base.args[0]
-    if base is mutated:
-        return False
+    """Whether a tensor sharing memory with ``mutated`` (its base, views of either) is read after ``node``."""
+    base = view_base(mutated)
     aliases, frontier = {base}, [base]
     while frontier:
         for user in frontier.pop().users:
@@ -331,7 +342,7 @@ def qualify_names(gm: fx.GraphModule) -> bool:
     """
     used: Dict[str, int] = {}
     numbered: Dict[str, int] = {}
-    changed = False
+    wanted: Dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if "qualname" in node.meta:
             used[node.meta["qualname"]] = used.get(node.meta["qualname"], 0) + 1
@@ -340,19 +351,20 @@ def qualify_names(gm: fx.GraphModule) -> bool:
         count = numbered.get(base, 0)
         numbered[base] = count + 1
         node.meta["original_name"] = base if count == 0 else f"{base}_{count}"
-        if node.op == "call_module":
-            wanted = str(node.target)
+        if node.op in ("placeholder", "output", "get_attr"):
+            wanted[node] = node.name
+        elif node.op == "call_module":
+            wanted[node] = str(node.target)
         else:
             stack = node.meta.get("nn_module_stack") or {}
             owner = list(stack.values())[-1][0] if stack else ""
-            wanted = f"{owner}.{base}" if owner and node.op not in ("placeholder", "output", "get_attr") else node.meta["original_name"]
-        if node.op in ("placeholder", "output", "get_attr"):
-            wanted = node.name
-        count = used.get(wanted, 0)
-        used[wanted] = count + 1
-        node.meta["qualname"] = wanted if count == 0 else f"{wanted}_{count}"
-        changed = True
-    return changed
+            wanted[node] = f"{owner}.{base}" if owner else node.meta["original_name"]
+    # module calls first: a module's first call is named by its path, whatever functions share it
+    for node in sorted(wanted, key=lambda n: n.op != "call_module"):
+        count = used.get(wanted[node], 0)
+        used[wanted[node]] = count + 1
+        node.meta["qualname"] = wanted[node] if count == 0 else f"{wanted[node]}_{count}"
+    return bool(wanted)
 
 
 def _base_name(node: fx.Node) -> str:
@@ -473,7 +485,7 @@ ACTIVATIONS = frozenset({
     aten.relu, aten.relu6, aten.leaky_relu, aten.elu, aten.selu, aten.celu, aten.gelu, aten.silu,
     aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.hardtanh, aten.tanh, aten.sigmoid,
     aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout, aten.clamp,
-    aten.clamp_min, aten.clamp_max, aten.clip, aten.prelu,
+    aten.clamp_min, aten.clamp_max, aten.clip, aten.prelu, aten.threshold,
 })
 LINEAR_FUNCTIONS = frozenset({
     aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
@@ -482,7 +494,8 @@ LINEAR_FUNCTIONS = frozenset({
     aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d,
     aten.adaptive_avg_pool3d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d, aten.adaptive_max_pool3d,
     aten.mean, aten.sum, aten.neg, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
-    aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
+    aten.upsample_linear1d, aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d,
+    aten._upsample_nearest_exact3d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
     aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa, aten.amax, aten.max, aten.addcmul,
 })
 #: Operators that move relevance (data movement, casts, padding, selection): nothing created or lost.
@@ -498,8 +511,9 @@ DATA_MOVEMENT = VIEWS | frozenset({
 
 # Operators at the root of a normalising factor (x / ||x||, x * rsqrt(mean(x^2) + eps)).
 _NORMS = frozenset({aten.sqrt, aten.rsqrt, aten.linalg_vector_norm, aten.norm, aten.std, aten.var, aten.frobenius_norm})
-# Between that root and the product: shape changes, an added epsilon, clamping, reciprocals.
-_NORM_STEPS = VIEWS | frozenset({aten.add, aten.clamp, aten.clamp_min, aten.reciprocal, aten.pow, aten._to_copy, aten.to, aten.type_as, aten.mul})
+# Between that root and the product: reshapes and casts, an added epsilon, clamping, reciprocals.
+_CASTS = frozenset({aten._to_copy, aten.to, aten.type_as})
+_NORM_STEPS = frozenset({aten.add, aten.clamp, aten.clamp_min, aten.reciprocal, aten.pow, aten.mul})
 
 
 def moves_data(node: fx.Node) -> bool:
@@ -541,6 +555,8 @@ def _module_for(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Mod
         return _addition(node)
     if op in SUBTRACTIONS and len(node.args) == 2 and not node.kwargs:
         return M.Subtraction(), node.args
+    if op is aten.rsub and len(node.args) == 2 and not node.kwargs:  # rsub(x, c) = c - x
+        return M.Subtraction(), node.args[::-1]
     if op in PRODUCTS:
         return _scaling(node, dependent, divide=False) or _product(node)
     if op in DIVISIONS and not node.kwargs:
@@ -581,14 +597,15 @@ def _scaling(node: fx.Node, dependent: Set[fx.Node], divide: bool) -> Optional[T
 
 def _is_normaliser(node: Any, dependent: Set[fx.Node]) -> bool:
     """Whether ``node`` is a normalising factor: a norm, a square root, through epsilons and reshapes."""
-    while isinstance(node, fx.Node) and node.op == "call_function":
+    while isinstance(node, fx.Node):
         op = _packet(node)
         if op in _NORMS:
             return True
-        if op not in _NORM_STEPS:
-            return False
+        if op in VIEWS or op in _CASTS:  # the first argument is the value; others give shapes or dtypes
+            node = node.args[0]
+            continue
         signals = [a for a in node.args if isinstance(a, fx.Node) and a in dependent]
-        if len(signals) != 1:
+        if op not in _NORM_STEPS or len(signals) != 1:
             return False
         node = signals[0]
     return False
@@ -602,8 +619,7 @@ def _is_gate(node: Any) -> bool:
     """Whether ``node`` is the output of a sigmoid-like function (already a module)."""
     if not isinstance(node, fx.Node) or node.op != "call_module":
         return False
-    module = node.graph.owning_module.get_submodule(node.target)
-    return isinstance(module, _GATE_MODULES) or getattr(getattr(module, "fn", None), "overloadpacket", None) in _GATES
+    return isinstance(node.graph.owning_module.get_submodule(node.target), _GATE_MODULES) or _packet(node) in _GATES
 
 
 def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
@@ -679,6 +695,7 @@ def _replace_with_module(
     new.meta["qualname"] = qualname
     new.meta["original_name"] = node.meta.get("original_name", node.name)
     new.meta["replaced"] = str(node.target)
+    new.meta["replaced_op"] = node.target
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from . import modules as M
 from .errors import UnsupportedOperationError, describe_node
-from .passes import moves_data, relevance_carrying_nodes
+from .passes import moves_data, relevance_carrying_nodes, view_base
 
 __all__ = [
     "PassThroughRule",
@@ -342,11 +342,12 @@ def assign_rules(
     carrying = relevance_carrying_nodes(gm)
     assignments = []
     for node in gm.graph.nodes:
-        if node not in carrying or node.op in ("placeholder", "output"):
-            continue
-        if node.meta.get("inplace_on_view"):
+        written = node.meta.get("inplace_on_view")
+        if written and (node in carrying or view_base(node.args[0]) in carrying):
             assignments.append(_assignment(node, "", None, "", _inplace_on_view_message(node)))
-        elif node.op == "call_module":
+        if node not in carrying or node.op in ("placeholder", "output") or written:
+            continue
+        if node.op == "call_module":
             module = gm.get_submodule(node.target)
             origin = (origins or {}).get(str(node.target))
             own_rule = getattr(origin() if origin is not None else None, "rule", None)

@@ -23,7 +23,7 @@ from torchvision.models.resnet import BasicBlock
 import captum_graph
 from captum_graph import CaptumGraphError, CaptureError, TracingError, passes, prepare
 from captum_graph import modules as M
-from captum_graph.attr import LRP, LayerLRP
+from captum_graph.attr import LRP
 from captum_graph.capture import Captured, capture
 from captum_graph.cloning import private_copy
 from captum_graph.errors import source_line
@@ -58,11 +58,6 @@ def clean_leaf_registry(monkeypatch):
 
 def _by(gm, key="qualname"):
     return {node.meta.get(key): node for node in gm.graph.nodes}
-
-
-def _calls(gm):
-    """``(op, target)`` of every node, module targets as paths and functions by name."""
-    return [(n.op, str(n.target) if n.op != "call_function" else getattr(n.target, "__name__", str(n.target))) for n in gm.graph.nodes]
 
 
 # ---------------------------------------------------------------------------
@@ -504,14 +499,23 @@ def test_lrp_with_a_flag_as_additional_forward_arg(double):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [1, 2])
 def test_dynamic_batch_runs_at_any_batch_size(batch):
+    """Captured at a batch of two (or one, where capture makes that dynamic too), any batch size runs."""
     model = ResidualNet().eval()
-    prepared = prepare(model, (example_input(batch, torch.float32),))
-    assert prepared.dynamic_batch and not prepared.path_specific
+    x = example_input(batch, torch.float32)
+    prepared = prepare(model, (x,))
+    assert not prepared.path_specific
+    assert prepared.dynamic_batch or batch == 1, "a batch of two must give a dynamic batch"
     x5 = example_input(5, torch.float32)
     with torch.no_grad():
-        assert torch.equal(prepared.graph_module(x5), model(x5))
-    assert prepare(model, (x5,)) is prepared  # a different batch size hits the cache
-    assert prepare(model, (example_input(3, torch.float32),)) is prepared
+        assert torch.equal(prepared.graph_module(x), model(x))
+        if prepared.dynamic_batch:
+            assert torch.equal(prepared.graph_module(x5), model(x5))
+    at_five = prepare(model, (x5,))
+    assert (at_five is prepared) == prepared.dynamic_batch  # a different batch size hits the cache when dynamic
+    with torch.no_grad():
+        assert torch.equal(at_five.graph_module(x5), model(x5))
+    if at_five.dynamic_batch:
+        assert prepare(model, (example_input(3, torch.float32),)) is at_five
 
 
 def test_cache_is_keyed_by_dtype_and_feature_shape():
@@ -782,7 +786,8 @@ def test_prepare_leaves_the_model_untouched(mode, assert_untouched):
     flags = _flags(model)
     with assert_untouched(model, inputs if mode == "eval" else None):  # a train-mode forward moves statistics
         prepared = prepare(model, (inputs,))
-        LRP(model).attribute(inputs, target=0) if mode == "eval" else None
+        if mode == "eval":
+            LRP(model).attribute(inputs, target=0)
     assert _flags(model) == flags
     assert prepared.graph_module.get_submodule("pre") is not model.pre
 

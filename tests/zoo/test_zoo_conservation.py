@@ -65,8 +65,8 @@ def _params(slow_ones: bool):
 
 @pytest.mark.parametrize("name", _params(True))
 def test_every_node_has_a_rule(name):
-    model, _ = _bias_free(name)
-    problems = [a.problem for a in assign_rules(prepare(model).graph_module) if a.problem]
+    model, x = _bias_free(name)
+    problems = [a.problem for a in assign_rules(prepare(model, (x,)).graph_module) if a.problem]
     assert not problems, f"{name}: {len(problems)} unsupported nodes, first: {problems[:1]}"
 
 
