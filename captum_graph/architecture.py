@@ -15,6 +15,8 @@ __all__ = ["ModelArchitecture", "NodeInfo"]
 
 
 def _target_name(node: fx.Node) -> str:
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)  # 'aten.add.Tensor', as meta["replaced"]
     if node.op == "call_function":
         module = getattr(node.target, "__module__", None) or ""
         module = "operator" if module == "_operator" else module
@@ -76,8 +78,10 @@ class NodeInfo:
     @property
     def operator(self) -> Any:
         """The module called (``call_module``), the function, or the method name."""
-        if self.opcode in ("call_module", "get_attr"):
-            return self._architecture.root.get_submodule(self.target) if self.opcode == "call_module" else _get_attr(self._architecture.root, self.target)
+        if self.opcode == "call_module":
+            return self._architecture._called_module(self._node)
+        if self.opcode == "get_attr":
+            return _get_attr(self._architecture.root, self.target)
         return self._node.target
 
     @property
@@ -87,8 +91,8 @@ class NodeInfo:
         For a module call, the module itself; for a functional operation, the
         innermost module whose ``forward`` performed it; ``None`` at top level.
         """
-        if self.opcode == "call_module":
-            return self.target, self.operator
+        if self.opcode == "call_module" and "replaced" not in self.meta:
+            return _module_path(self._node), self.operator
         stack = self._node.meta.get("nn_module_stack")
         if not stack:
             return None
@@ -98,8 +102,8 @@ class NodeInfo:
     @property
     def shape(self) -> Optional[torch.Size]:
         """The output shape, when shapes were propagated (see ``propagate_shapes``)."""
-        tensor_meta = self._node.meta.get("tensor_meta")
-        return getattr(tensor_meta, "shape", None)
+        shape = getattr(self._node.meta.get("tensor_meta"), "shape", None)
+        return None if shape is None else self._architecture._concrete(shape)
 
     def to_dict(self) -> Dict[str, str]:
         return {"opcode": self.opcode, "name": self.name, "target": self.target}
@@ -209,9 +213,9 @@ class ModelArchitecture:
         preferring the output of a module (see :meth:`find_cam_target_node`).
         Token models (ViT) have none: ``None``, as in the seed API.
         """
-        node = self.find_cam_target_node(tokens=False)
-        if node is None:
-            return None
+        node = self.find_cam_target_node()
+        if node is None or node.shape is None or len(node.shape) != 4:
+            return None  # a token model's target is tokens (ViT): no feature map, as in the seed API
         return self._module_producing(node)
 
     def find_cam_target_node(self, tokens: bool = True) -> Optional[NodeInfo]:
@@ -290,6 +294,31 @@ class ModelArchitecture:
         except AttributeError:
             return self.root.get_submodule(path)
 
+    def _called_module(self, node: fx.Node) -> nn.Module:
+        """For a call of one of the model's modules, the model's own; else the graph's (a rewritten operation)."""
+        graph_module = self.root.get_submodule(node.target)
+        if "replaced" in node.meta or self.model is self.root:
+            return graph_module
+        try:
+            module = self.model.get_submodule(_module_path(node))
+        except AttributeError:
+            return graph_module
+        return module if type(module) is type(graph_module) else graph_module
+
+    def _concrete(self, shape: torch.Size) -> torch.Size:
+        """``shape`` with symbolic sizes (a dynamic batch) at the example inputs' sizes."""
+        if all(isinstance(size, int) for size in shape):
+            return shape
+        bindings = {}
+        for node, example in zip(self.graph.find_nodes(op="placeholder"), self.example_inputs or ()):
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor):
+                for symbolic, size in zip(value.shape, example.shape):
+                    if isinstance(symbolic, torch.SymInt):
+                        bindings[symbolic.node.expr] = size
+        exprs = [size if isinstance(size, int) else size.node.expr.xreplace(bindings) for size in shape]
+        return torch.Size(int(e) if isinstance(e, int) or e.is_number else s for e, s in zip(exprs, shape))
+
     def _module_producing(self, info: NodeInfo) -> Optional[Tuple[str, nn.Module]]:
         """The innermost non-root module of the model whose output is exactly this node."""
         if info.opcode == "call_module" and "replaced" not in info.meta:
@@ -306,8 +335,12 @@ class ModelArchitecture:
         """Names to nodes, rebuilt only when the graph's size changes (a rewrite)."""
         size = len(self.graph.nodes)
         if self._names[0] != size:
-            table = {node.meta["qualname"]: node for node in self.graph.nodes if "qualname" in node.meta}
-            table.update({node.name: node for node in self.graph.nodes})
+            # as captum_graph.layers resolves names: fx names, then qualified names over them
+            table: Dict[str, fx.Node] = {}
+            for node in self.graph.nodes:
+                table.setdefault(node.name, node)
+                table.setdefault(node.meta.get("original_name", node.name), node)
+            table.update({node.meta["qualname"]: node for node in self.graph.nodes if "qualname" in node.meta})
             self._names = (size, table)
         return self._names[1]
 
@@ -332,6 +365,12 @@ class ModelArchitecture:
                     seen.add(user)
                     frontier.append(user)
         return [self._info(node) for node in self.graph.nodes if node in seen]
+
+
+def _module_path(node: fx.Node) -> str:
+    """The model's path of the module a ``call_module`` node calls (its target may be a per-call-site copy)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else str(node.target)
 
 
 def _ancestors(node: fx.Node) -> set:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import free_symbols
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CaptureError, error_class, user_frame
@@ -25,6 +26,9 @@ from .errors import CaptureError, error_class, user_frame
 __all__ = ["Captured", "capture", "preserved_training_flags"]
 
 _ROOT = "model"  # the attribute under which the capture wrapper holds the model
+# reason: torch.export's nn_module_stack entry for nodes made outside any module
+# (sym_size of a dynamic batch); fragile coupling to a private name, tested
+_NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +65,21 @@ class _Call(nn.Module):
         return getattr(self, _ROOT)(*args, **kwargs)
 
 
-def capture(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> Captured:
+def capture(
+    model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None, any_batch: bool = False
+) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an ATen graph (see the module docstring).
 
     ``model`` is run under export, so pass a private copy (``cloning.private_copy``).
     Tensors among ``args`` become the graph's inputs; every other argument
     (``None``, numbers, flags, and all of ``kwargs`` but tensors) is fixed at its
     value. The first dimension of the tensors is made dynamic where the model
-    allows it.
+    allows it, except for a batch of one: export assumes a dynamic size is
+    never one, so that graph would hold for two and more only (a forward may
+    branch on ``x.shape[0] == 1``). With ``any_batch`` a batch of one is
+    captured at two all the same, for callers that run the graph at other
+    batch sizes (Captum's layer methods batch steps and baselines). The graph
+    refuses inputs of other shapes than it was captured for.
 
     Raises:
         CaptureError: torch.export cannot capture the model; says why, at which
@@ -84,25 +95,27 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, An
     call = _Call(model, args, kwargs or {})
     tensors = tuple(call.leaves[i] for i in call.tensor_positions)
     with preserved_training_flags(model), _quiet_export_logs():
-        exported, path_specific = _export(call, tensors)
+        exported, path_specific = _export(call, tensors, any_batch)
     graph_module, dynamic = _flat_graph_module(exported, model, args)
+    graph_module.register_forward_pre_hook(_shape_check(graph_module))
     return Captured(graph_module, dynamic, path_specific)
 
 
-def _export(call: _Call, tensors: Tuple[Tensor, ...]):
-    """``torch.export`` with a dynamic batch where possible; the taken path on data-dependent branches.
+def _export(call: _Call, tensors: Tuple[Tensor, ...], any_batch: bool):
+    """``torch.export`` with a dynamic batch where wanted; the taken path on data-dependent branches.
 
     A graph whose batch size export fixed is captured at the call's own tensors.
     """
-    # A batch of one would be specialised to one: capture at two, the graph is the same.
+    single = any(t.dim() and t.shape[0] == 1 for t in tensors)
     examples = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in tensors)
     dynamic = (tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in examples),)
-    try:
-        exported = torch.export.export(call, examples, dynamic_shapes=dynamic, strict=False)
-        if _batch_is_symbolic(exported) or all(e is t for e, t in zip(examples, tensors)):
-            return exported, False
-    except Exception:  # noqa: BLE001 - a fixed batch may still work; its error is the one to show
-        pass
+    if any_batch or not single:
+        try:
+            exported = torch.export.export(call, examples, dynamic_shapes=dynamic, strict=False)
+            if _batch_is_symbolic(exported) or not single:
+                return exported, False
+        except Exception:  # noqa: BLE001 - a fixed batch may still work; its error is the one to show
+            pass
     try:
         return torch.export.export(call, tensors, strict=False), False
     except Exception as error:  # noqa: BLE001
@@ -210,7 +223,37 @@ def _argument_names(model: nn.Module, count: int) -> list:
 
 def _has_symbolic_batch(node: fx.Node) -> bool:
     value = node.meta.get("val")
-    return isinstance(value, Tensor) and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt)
+    return isinstance(value, Tensor) and value.dim() > 0 and _is_symbolic(value.shape[0])
+
+
+def _shape_check(graph_module: fx.GraphModule):
+    """A pre-hook refusing inputs whose fixed sizes differ from the captured ones (no silent broadcast)."""
+    expected = [
+        (i, tuple(None if _is_symbolic(d) else int(d) for d in node.meta["val"].shape))
+        for i, node in enumerate(graph_module.graph.find_nodes(op="placeholder"))
+        if isinstance(node.meta.get("val"), Tensor)
+    ]
+
+    def check(module, args):
+        for i, shape in expected:
+            given = args[i].shape if i < len(args) and isinstance(args[i], Tensor) else None
+            if given is None or len(given) != len(shape) or any(s is not None and s != g for s, g in zip(shape, given)):
+                raise CaptureError(
+                    f"the graph of {graph_module.__class__.__name__} was captured for argument {i} of shape "
+                    f"{_shape_text(shape)}; it is called with {None if given is None else tuple(given)}. "
+                    "Call captum_graph with inputs of the shape you explain (it captures again for a new shape)."
+                )
+
+    return check
+
+
+def _is_symbolic(size: Any) -> bool:
+    """A size export left free (a specialised ``SymInt`` is a number in disguise)."""
+    return isinstance(size, torch.SymInt) and bool(free_symbols(size))
+
+
+def _shape_text(shape: Tuple[Optional[int], ...]) -> str:
+    return "(" + ", ".join("batch" if s is None else str(s) for s in shape) + ")"
 
 
 def _strip_root(path: str) -> str:
@@ -227,8 +270,8 @@ def _clean_meta(meta: Dict[str, Any]) -> Dict[str, Any]:
     kept = {key: meta[key] for key in ("val", "tensor_meta", "stack_trace", "torch_fn") if key in meta}
     stack = {}
     for key, (path, module_type) in (meta.get("nn_module_stack") or {}).items():
-        if path in ("", _ROOT):
-            continue  # the wrapper and the model itself: top level
+        if path in ("", _ROOT) or key == _NO_MODULE:
+            continue  # the wrapper, the model itself, export's stand-in for no module: top level
         stack[key] = (_strip_root(path), module_type)
     kept["nn_module_stack"] = stack
     return kept

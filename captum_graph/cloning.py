@@ -31,13 +31,14 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
         if "hook" in key and isinstance(value, dict):
             clone.__dict__[key] = type(value)()
     clone.__dict__.pop("rule", None)
-    clone._parameters = {name: _share(param) for name, param in module._parameters.items()}
+    state = clone.__dict__  # not setattr: a wrapper's __setattr__ (torch.compile's) writes to the wrapped model
+    state["_parameters"] = {name: _share(param) for name, param in module._parameters.items()}
     # A module in training mode updates running statistics in place: those get their own copy.
-    clone._buffers = {
+    state["_buffers"] = {
         name: b.clone() if module.training and b is not None else b for name, b in module._buffers.items()
     }
-    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    clone._modules = {name: None if child is None else private_copy(child, memo) for name, child in module._modules.items()}
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {name: None if child is None else private_copy(child, memo) for name, child in module._modules.items()}
     return clone
 
 

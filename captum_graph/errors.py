@@ -42,7 +42,7 @@ def error_class(base: Type[CaptumGraphError], original: Type[BaseException]) -> 
     if issubclass(original, CaptumGraphError) or not issubclass(original, Exception):
         return base
     try:
-        return type(base.__name__, (base, original), {})
+        return type(base.__name__, (base, original), {"__str__": Exception.__str__})  # KeyError quotes its text
     except TypeError:  # layouts that cannot be combined, e.g. some C extensions
         return base
 

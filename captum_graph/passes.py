@@ -351,9 +351,9 @@ def qualify_names(gm: fx.GraphModule) -> bool:
         count = numbered.get(base, 0)
         numbered[base] = count + 1
         node.meta["original_name"] = base if count == 0 else f"{base}_{count}"
-        if node.op in ("placeholder", "output", "get_attr"):
+        if node.op in ("placeholder", "output"):
             wanted[node] = node.name
-        elif node.op == "call_module":
+        elif node.op in ("call_module", "get_attr"):
             wanted[node] = str(node.target)
         else:
             stack = node.meta.get("nn_module_stack") or {}

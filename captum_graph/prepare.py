@@ -86,7 +86,9 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDic
 _CACHE_LOCK = threading.Lock()
 
 
-def prepare(model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch_norm: bool = False) -> PreparedModel:
+def prepare(
+    model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch_norm: bool = False, any_batch: bool = False
+) -> PreparedModel:
     """Capture ``model(*inputs)`` and run every rewrite pass; cached until the model changes.
 
     ``inputs`` are the call's positional arguments (Captum's ``inputs``
@@ -94,6 +96,8 @@ def prepare(model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch
     for the model's first convolution (:func:`default_example_inputs`).
     With ``fold_batch_norm``, eval-mode batch norms are also merged into the
     convolution or linear layer before them (:func:`fold_batch_norms`).
+    ``any_batch``: the graph will also be run at other batch sizes (see
+    :func:`captum_graph.capture.capture`).
 
     The cache is keyed by the model and the inputs' signature (dtypes,
     devices, shapes but the batch size where the graph allows any, and the
@@ -103,16 +107,21 @@ def prepare(model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch
     step, or switching ``eval()``/``train()`` prepares again. A graph
     captured along a data-dependent branch is never reused.
     """
+    model = _unwrap(model)
     args = tuple(default_example_inputs(model) if inputs is None else inputs)
     fingerprint = _fingerprint(model)
+    # a dynamic graph holds for batches of two and more (export's assumption), unless any batch will do
+    keys = [_signature(args, False, fold_batch_norm)]
+    if any_batch or not _has_batch_of_one(args):
+        keys.insert(0, _signature(args, True, fold_batch_norm))
     with _CACHE_LOCK:
         entries = _CACHE.setdefault(model, OrderedDict())
-        for key in (_signature(args, True, fold_batch_norm), _signature(args, False, fold_batch_norm)):
+        for key in keys:
             cached = entries.get(key)
             if cached is not None and cached[0] == fingerprint:
                 entries.move_to_end(key)
                 return cached[1]
-    prepared = _prepare(model, args, fold_batch_norm)
+    prepared = _prepare(model, args, fold_batch_norm, any_batch)
     if not prepared.path_specific:
         with _CACHE_LOCK:
             entries = _CACHE.setdefault(model, OrderedDict())
@@ -120,6 +129,21 @@ def prepare(model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch
             while len(entries) > CACHE_SIZE:
                 entries.popitem(last=False)
     return prepared
+
+
+def _has_batch_of_one(args: Sequence[Any]) -> bool:
+    return any(isinstance(a, Tensor) and a.dim() and a.shape[0] == 1 for a in args)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrappers."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def default_example_inputs(model: nn.Module) -> Tuple[Tensor]:
@@ -191,11 +215,11 @@ def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tupl
     ) + ((fold_batch_norms,) if fold_batch_norm else ())
 
 
-def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool) -> PreparedModel:
+def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool, any_batch: bool) -> PreparedModel:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     user_modules = {id(module): module for module in model.modules()}
     copy = private_copy(model)
-    gm = capture(copy, args)
+    gm = capture(copy, args, any_batch=any_batch)
     graph_module = gm.graph_module
     for run_pass in rewrite_passes(copy, fold_batch_norm):
         run_pass(graph_module)
@@ -217,7 +241,7 @@ def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool) -> 
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    return tuple(
+    return (frozenset(registered_leaf_modules()),) + tuple(
         (
             id(module),
             module.training,

@@ -46,7 +46,8 @@ def tapped_graph(
     rewritten graph's private modules; the user's model is not involved.
     ``inputs=None`` captures at an example image.
     """
-    prepared = prepare(model, None if inputs is None else call_arguments(inputs, additional_forward_args))
+    # Captum's layer methods run the model at other batch sizes (steps, baselines): any batch must do
+    prepared = prepare(model, None if inputs is None else call_arguments(inputs, additional_forward_args), any_batch=True)
     source = prepared.graph_module
     architecture = prepared.architecture(model)
     node = _auto_layer(architecture) if layer is None else resolve_layer(model, prepared, layer)
