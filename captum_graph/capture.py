@@ -13,11 +13,13 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import operator
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.export.graph_signature import OutputKind
 from torch.fx.experimental.symbolic_shapes import free_symbols
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -202,12 +204,38 @@ def _flat_graph_module(exported, model: nn.Module, args: Sequence[Any]) -> Tuple
                 dynamic = dynamic or _has_symbolic_batch(node)
             env[node].meta = _clean_meta(node.meta)
         elif node.op == "output":
-            outputs = [env[o] if isinstance(o, fx.Node) else o for o in node.args[0][: len(signature.user_outputs)]]
+            user = [o for o, spec in zip(node.args[0], signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+            outputs = [env[o] if isinstance(o, fx.Node) else o for o in user]
             graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        elif node.target is torch.ops.higher_order.wrap_with_autocast:
+            env[node] = _inline(graph, getattr(exported.graph_module, node.args[4].target), node.args[5:], env)
+        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined region
         else:
+            if node.op == "get_attr":  # a region of a higher-order operator left as it is
+                attributes[node.target] = getattr(exported.graph_module, node.target)
             env[node] = graph.node_copy(node, lambda n: env[n])
             env[node].meta = _clean_meta(node.meta)
     return fx.GraphModule(attributes, graph, type(model).__name__), dynamic
+
+
+def _inline(graph: fx.Graph, region: fx.GraphModule, operands: Sequence[Any], env: Dict[fx.Node, Any]) -> tuple:
+    """Copy an autocast region's operations into ``graph``; return its outputs.
+
+    LRP runs without autocast, where the region computes what its operations do.
+    """
+    inner: Dict[fx.Node, Any] = {}
+    placeholders = iter(operands)
+    for node in region.graph.nodes:
+        if node.op == "placeholder":
+            operand = next(placeholders)
+            inner[node] = env[operand] if isinstance(operand, fx.Node) else operand
+        elif node.op == "output":
+            return tuple(inner[o] if isinstance(o, fx.Node) else o for o in node.args[0])
+        else:
+            inner[node] = graph.node_copy(node, lambda n: inner[n])
+            inner[node].meta = _clean_meta(node.meta)
+    raise CaptureError("an autocast region of the captured graph has no output")
 
 
 def _argument_names(model: nn.Module, count: int) -> list:

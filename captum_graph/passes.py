@@ -22,6 +22,7 @@ __all__ = [
     "register_leaf_module",
     "registered_leaf_modules",
     "remove_inplace",
+    "views_to_reshapes",
     "is_torch_layer",
     "takes_one_tensor",
     "calls_to_modules",
@@ -204,6 +205,22 @@ def _redirect_later_readers(node: fx.Node, mutated: fx.Node) -> None:
             candidate.replace_input_with(mutated, node)
 
 
+def views_to_reshapes(gm: fx.GraphModule) -> bool:
+    """Make every ``aten.view`` an ``aten.reshape``: the same values, also where strides differ.
+
+    Out-of-place operations may lay out their results differently from the
+    in-place ones they replace, and a ``view`` of such a result would fail.
+    Skipped where an in-place write stays in the graph (it may write through
+    a view). Idempotent.
+    """
+    if any(node.meta.get("inplace_on_view") for node in gm.graph.nodes):
+        return False
+    views = [node for node in gm.graph.nodes if node.op == "call_function" and node.target is aten.view.default]
+    for node in views:
+        node.target = aten.reshape.default
+    return _finish(gm, bool(views))
+
+
 # ---------------------------------------------------------------------------
 # calls_to_modules
 # ---------------------------------------------------------------------------
@@ -384,20 +401,23 @@ def _base_name(node: fx.Node) -> str:
 def unshare_modules(gm: fx.GraphModule) -> bool:
     """Give each call site of a module called more than once a copy of its own.
 
-    Matches ``call_module`` nodes whose target was already called earlier; the
-    later call sites get a private copy (sharing parameter storage) registered
-    under the node's qualified name, e.g. ``layer1.0.relu_1``. Idempotent.
+    Matches ``call_module`` nodes whose module (the same object, under any
+    path: a model may hold one module under two names) was already called
+    earlier; the later call sites get a private copy (sharing parameter
+    storage) registered under the node's qualified name, e.g.
+    ``layer1.0.relu_1``. Idempotent.
     """
-    seen: Set[str] = set()
+    seen: Set[int] = set()
     changed = False
     for node in gm.graph.find_nodes(op="call_module"):
-        if node.target not in seen:
-            seen.add(node.target)
+        module = gm.get_submodule(node.target)
+        if id(module) not in seen:
+            seen.add(id(module))
             continue
-        copy = private_copy(gm.get_submodule(node.target))
+        copy = private_copy(module)
         node.target = _free_path(gm, node.meta.get("qualname", node.name))
         gm.add_submodule(node.target, copy)
-        seen.add(node.target)
+        seen.add(id(copy))
         changed = True
     return _finish(gm, changed)
 
@@ -497,6 +517,7 @@ LINEAR_FUNCTIONS = frozenset({
     aten.upsample_linear1d, aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d,
     aten._upsample_nearest_exact3d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
     aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa, aten.amax, aten.max, aten.addcmul,
+    aten.col2im,  # F.fold sums overlapping patches: split by contribution, not copied
 })
 #: Operators that move relevance (data movement, casts, padding, selection): nothing created or lost.
 DATA_MOVEMENT = VIEWS | frozenset({
@@ -505,12 +526,15 @@ DATA_MOVEMENT = VIEWS | frozenset({
     aten.replication_pad3d, aten._to_copy, aten.to, aten.type_as, aten.index_select, aten.index,
     aten.gather, aten.take_along_dim, aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle,
     aten.native_channel_shuffle, aten.repeat, aten.tile, aten.repeat_interleave, aten.tensor_split,
-    aten.masked_fill, aten.where, aten.copy, aten.lift_fresh_copy, aten.im2col, aten.col2im,
+    aten.masked_fill, aten.where, aten.copy, aten.lift_fresh_copy, aten.im2col,
     aten.unfold, operator.getitem,
 }) - {aten.detach}
 
 # Operators at the root of a normalising factor (x / ||x||, x * rsqrt(mean(x^2) + eps)).
-_NORMS = frozenset({aten.sqrt, aten.rsqrt, aten.linalg_vector_norm, aten.norm, aten.std, aten.var, aten.frobenius_norm})
+_NORMS = frozenset({
+    aten.sqrt, aten.rsqrt, aten.linalg_vector_norm, aten.norm, aten.std, aten.var, aten.frobenius_norm,
+    aten.sum, aten.mean,  # x / x.sum(-1, keepdim=True): renormalised attention (ConViT)
+})
 # Between that root and the product: reshapes and casts, an added epsilon, clamping, reciprocals.
 _CASTS = frozenset({aten._to_copy, aten.to, aten.type_as})
 _NORM_STEPS = frozenset({aten.add, aten.clamp, aten.clamp_min, aten.reciprocal, aten.pow, aten.mul})
@@ -532,7 +556,7 @@ def functional_to_modules(gm: fx.GraphModule) -> bool:
     ``stack`` -> :class:`Concatenate` / :class:`Stack`; elementwise
     activations -> :class:`Activation`; convolutions, pooling, norms, means,
     interpolation and other linear functions -> :class:`LinearFunction`;
-    softmax -> :class:`Softmax`; attention (``scaled_dot_product_attention``)
+    ``x ** c`` counts as an activation; softmax -> :class:`Softmax`; attention (``scaled_dot_product_attention``)
     -> :class:`Attention`; matrix products -> :class:`AttentionMatmul` or
     :class:`Matmul`. The new module is registered under the node's qualified
     name (``layer1.0.add``). Idempotent: it matches ``call_function`` nodes only.
@@ -571,7 +595,7 @@ def _module_for(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Mod
         return _concatenation(node, M.Concatenate)
     if op in STACKS:
         return _concatenation(node, M.Stack)
-    if op in ACTIVATIONS:
+    if op in ACTIVATIONS or (op is aten.pow and isinstance(node.args[1], (int, float))):  # x ** 2 (StarReLU)
         return _function_module(M.Activation, node)
     if op in LINEAR_FUNCTIONS:
         return _linear_function(node, dependent)
@@ -601,7 +625,7 @@ def _is_normaliser(node: Any, dependent: Set[fx.Node]) -> bool:
         op = _packet(node)
         if op in _NORMS:
             return True
-        if op in VIEWS or op in _CASTS:  # the first argument is the value; others give shapes or dtypes
+        if op in VIEWS or op in _CASTS or op is aten.div:  # follow the value (a ratio: its numerator)
             node = node.args[0]
             continue
         signals = [a for a in node.args if isinstance(a, fx.Node) and a in dependent]

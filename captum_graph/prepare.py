@@ -23,6 +23,7 @@ from .passes import (
     remove_inplace,
     takes_one_tensor,
     unshare_modules,
+    views_to_reshapes,
 )
 from .rules import has_default_rule
 
@@ -102,14 +103,16 @@ def prepare(
     The cache is keyed by the model and the inputs' signature (dtypes,
     devices, shapes but the batch size where the graph allows any, and the
     values of non-tensor arguments), and checked against the model's module
-    structure, ``training`` flags and parameters (identity, storage and
-    in-place version): replacing a submodule or a parameter, an optimiser
-    step, or switching ``eval()``/``train()`` prepares again. A graph
+    structure, ``training`` flags and parameters (identity and storage):
+    replacing a submodule or a parameter, rebinding ``.data`` or switching
+    ``eval()``/``train()`` prepares again. Values written in place (an
+    optimiser step) are seen by the graph, which shares the storage; with
+    ``fold_batch_norm`` they prepare again too (folding bakes them in). A graph
     captured along a data-dependent branch is never reused.
     """
     model = _unwrap(model)
     args = tuple(default_example_inputs(model) if inputs is None else inputs)
-    fingerprint = _fingerprint(model)
+    fingerprint = _fingerprint(model, values=fold_batch_norm)
     # a dynamic graph holds for batches of two and more (export's assumption), unless any batch will do
     keys = [_signature(args, False, fold_batch_norm)]
     if any_batch or not _has_batch_of_one(args):
@@ -208,6 +211,7 @@ def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tupl
     """The passes :func:`prepare` runs, in order, on a graph captured from ``model_copy``."""
     return (
         remove_inplace,
+        views_to_reshapes,
         functools.partial(calls_to_modules, model=model_copy, is_leaf=_is_leaf),
         qualify_names,
         unshare_modules,
@@ -240,13 +244,20 @@ def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool, any
     return PreparedModel(graph_module, call_sites, copy, origins, shapes, gm.dynamic_batch, gm.path_specific)
 
 
-def _fingerprint(model: nn.Module) -> tuple:
+def _fingerprint(model: nn.Module, values: bool) -> tuple:
+    """What a prepared graph depends on: structure, flags, parameter identity and storage.
+
+    The graph shares parameter and buffer storage with the model, so new
+    values written in place (an optimiser step) are seen without preparing
+    again; only a graph that bakes values in (folded batch norms, ``values``)
+    also depends on their in-place version.
+    """
     return (frozenset(registered_leaf_modules()),) + tuple(
         (
             id(module),
             module.training,
-            tuple((id(p), p.data_ptr(), p._version) for p in module._parameters.values() if p is not None),
-            tuple((id(b), b._version) for b in module._buffers.values() if b is not None),
+            tuple((id(p), p.data_ptr()) + ((p._version,) if values else ()) for p in module._parameters.values() if p is not None),
+            tuple((id(b), b.data_ptr()) + ((b._version,) if values else ()) for b in module._buffers.values() if b is not None),
         )
         for module in model.modules()
     )

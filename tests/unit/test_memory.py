@@ -74,25 +74,29 @@ def test_prepared_graph_is_reused_by_later_calls_and_other_instances():
     assert lrp.prepared(torch.cat([x, x, x])) is first, "a dynamic batch dimension: no capture for another batch size"
 
 
+_IN_PLACE = lambda model: model.block.conv.weight.mul_(2.0)  # noqa: E731 - under no_grad: an optimiser step
+
+
 @pytest.mark.parametrize(
-    "change",
+    "change, fold_batch_norm, rebuilt",
     [
-        lambda model: model.block.conv.weight.mul_(2.0),  # in place (under no_grad): an optimiser step
-        lambda model: setattr(model.block.conv.weight, "data", model.block.conv.weight.data * 2),  # rebound
-        lambda model: setattr(model.block.conv, "weight", nn.Parameter(model.block.conv.weight * 2)),  # replaced
+        (_IN_PLACE, False, False),  # the graph shares the storage: it sees the new values
+        (_IN_PLACE, True, True),  # folded batch norms bake values in
+        (lambda model: setattr(model.block.conv.weight, "data", model.block.conv.weight.data * 2), False, True),
+        (lambda model: setattr(model.block.conv, "weight", nn.Parameter(model.block.conv.weight * 2)), False, True),
     ],
-    ids=["in place", "data rebound", "parameter replaced"],
+    ids=["in place", "in place, folded", "data rebound", "parameter replaced"],
 )
-def test_prepared_graph_is_rebuilt_after_a_parameter_changes(change):
+def test_prepared_graph_follows_parameter_changes(change, fold_batch_norm, rebuilt):
     model, x = _residual(), example_input()
-    lrp = LRP(model)
+    lrp = LRP(model, fold_batch_norm=fold_batch_norm)
     first = lrp.prepared(x)
     before = lrp.attribute(x, target=0)
     with torch.no_grad():
         change(model)
-    assert lrp.prepared(x) is not first
+    assert (lrp.prepared(x) is not first) == rebuilt
     after = lrp.attribute(x, target=0)
-    reference = LRP(copy.deepcopy(model)).attribute(x, target=0)  # never prepared before
+    reference = LRP(copy.deepcopy(model), fold_batch_norm=fold_batch_norm).attribute(x, target=0)  # never prepared
     torch.testing.assert_close(after, reference, rtol=0, atol=0)
     assert not torch.equal(after, before)
 

@@ -4,13 +4,17 @@ The table is :mod:`timm_models` (next to this file): for every module of
 ``timm.models`` that registers models, its smallest model, shrunk by keyword
 arguments, at the smallest input it takes. Two checks per entry:
 
+* on the model as built (biases and all), LRP with the default rules gives a
+  finite map shaped like the input, ``LayerGradCam(model)`` picks a layer and
+  gives a spatial map, and the model is left untouched;
 * conservation (DESIGN.md oracle 2): with every additive constant zeroed, the
   input relevance sums to the target logit per example within 1e-6 relative.
   Epsilon is negligible (1e-15) so the check measures the rules, not the
   stabiliser. Entries whose code adds literal constants are listed, with the
-  reason, in ``NO_CONSERVATION``;
-* on the model as built (biases and all), LRP with the default rules gives a
-  finite map shaped like the input and leaves the model untouched.
+  reason, in ``NO_CONSERVATION``.
+
+The constants are zeroed in place on the same model, so both checks share one
+captured graph (it shares the model's storage).
 
 And two bookkeeping checks: every timm model module has an entry or a reason
 in ``EXCLUDED`` (so a new timm module is noticed), and every entry names a
@@ -25,7 +29,8 @@ timm = pytest.importorskip("timm")
 import torch  # noqa: E402
 from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: E402
 
-from captum_graph.attr import LRP  # noqa: E402
+from captum_graph import UnsupportedOperationError  # noqa: E402
+from captum_graph.attr import LRP, LayerGradCam  # noqa: E402
 from captum_graph.rules import EPSILON_TYPES  # noqa: E402
 from helpers.oracles import (  # noqa: E402
     ADDITIVE_CONSTANT_NAMES,
@@ -37,6 +42,8 @@ from timm_models import (  # noqa: E402
     EXCLUDED,
     FAST,
     NO_CONSERVATION,
+    NO_GRADCAM,
+    UNSUPPORTED,
     TIMM_ADDITIVE_CONSTANT_NAMES,
     TIMM_CONSTANT_MODULES,
     TIMM_MODELS,
@@ -49,24 +56,13 @@ TINY_EPSILON = {EPSILON_TYPES: EpsilonRule(1e-15)}
 TARGETS = [3, 7]
 
 
-def _build(module: str, bias_free: bool):
+def _build(module: str):
     """The entry's model, float64 and eval, with weights that exercise every term; and its input."""
     name, kwargs, (height, width) = TIMM_MODELS[module]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs)
     x = torch.randn(2, 3, height, width, dtype=torch.float64)
     make_meaningful(model, x)
-    if bias_free:
-        zero_additive_constants(model)
-        extra = TIMM_ADDITIVE_CONSTANT_NAMES - ADDITIVE_CONSTANT_NAMES
-        with torch.no_grad():
-            for qualname, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-                if qualname.rsplit(".", 1)[-1] in extra:
-                    tensor.zero_()
-            for submodule in model.modules():
-                if type(submodule).__name__ in TIMM_CONSTANT_MODULES:
-                    for parameter in submodule.parameters():
-                        parameter.zero_()
     return model, x
 
 
@@ -77,11 +73,46 @@ def _params():
     ]
 
 
+def _zero_additive_constants(model) -> None:
+    zero_additive_constants(model)
+    extra = TIMM_ADDITIVE_CONSTANT_NAMES - ADDITIVE_CONSTANT_NAMES
+    with torch.no_grad():
+        for qualname, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if qualname.rsplit(".", 1)[-1] in extra:
+                tensor.zero_()
+        for submodule in model.modules():
+            if type(submodule).__name__ in TIMM_CONSTANT_MODULES:
+                for parameter in submodule.parameters():
+                    parameter.zero_()
+
+
 @pytest.mark.parametrize("module", _params())
-def test_relevance_is_conserved(module):
+def test_lrp_and_gradcam(module, assert_untouched):
+    """On the model as built: a finite LRP map and an automatic Grad-CAM map; then, with its
+    additive constants zeroed in place (the captured graph shares the storage and is reused),
+    conservation."""
+    model, x = _build(module)
+    if module in UNSUPPORTED:
+        operation, _ = UNSUPPORTED[module]
+        with assert_untouched(model, x), pytest.raises(UnsupportedOperationError, match=operation):
+            LRP(model).attribute(x, target=TARGETS)
+        return
+    with assert_untouched(model, x):
+        relevance = LRP(model).attribute(x, target=TARGETS)
+        if module not in NO_GRADCAM:
+            cam = LayerGradCam(model)
+            heatmap = cam.attribute(x, target=TARGETS)
+    assert relevance.shape == x.shape, f"{module}: relevance shape {tuple(relevance.shape)} != {tuple(x.shape)}"
+    assert torch.isfinite(relevance).all(), f"{module}: non-finite relevance"
+    assert relevance.abs().sum() > 0, f"{module}: all-zero relevance"
+    if module not in NO_GRADCAM:
+        assert heatmap.dim() == 4 and heatmap.shape[:2] == (2, 1) and heatmap.shape[2] * heatmap.shape[3] > 1, (
+            f"{module}: Grad-CAM at '{cam.layer_name}' gives {tuple(heatmap.shape)}, not a spatial map"
+        )
+        assert torch.isfinite(heatmap).all(), f"{module}: non-finite Grad-CAM map at '{cam.layer_name}'"
     if module in NO_CONSERVATION:
-        pytest.skip(NO_CONSERVATION[module])
-    model, x = _build(module, bias_free=True)
+        return
+    _zero_additive_constants(model)
     with torch.no_grad():
         at_zero = model(torch.zeros_like(x))
         logits = model(x)[torch.arange(len(TARGETS)), TARGETS]
@@ -92,19 +123,8 @@ def test_relevance_is_conserved(module):
     )
     assert (logits.abs() > 1e-6).all(), f"{module}: degenerate logits {logits.tolist()}; the check would mean nothing"
     relevance = LRP(model, rules=TINY_EPSILON).attribute(x, target=TARGETS)
-    assert relevance.shape == x.shape, f"{module}: relevance shape {tuple(relevance.shape)} != {tuple(x.shape)}"
     assert torch.isfinite(relevance).all(), f"{module}: non-finite relevance"
     assert_conserves(relevance, logits, module)
-
-
-@pytest.mark.parametrize("module", _params())
-def test_original_model_gives_a_finite_map(module, assert_untouched):
-    model, x = _build(module, bias_free=False)
-    with assert_untouched(model, x):
-        relevance = LRP(model).attribute(x, target=TARGETS)
-    assert relevance.shape == x.shape, f"{module}: relevance shape {tuple(relevance.shape)} != {tuple(x.shape)}"
-    assert torch.isfinite(relevance).all(), f"{module}: non-finite relevance"
-    assert relevance.abs().sum() > 0, f"{module}: all-zero relevance"
 
 
 def test_every_timm_model_module_has_an_entry_or_a_reason():
@@ -121,12 +141,15 @@ def test_every_timm_model_module_has_an_entry_or_a_reason():
 
 
 def test_every_exclusion_names_a_reason():
-    for table_name, table in (("EXCLUDED", EXCLUDED), ("NO_CONSERVATION", NO_CONSERVATION)):
+    unsupported = {module: reason for module, (_, reason) in UNSUPPORTED.items()}
+    tables = (("EXCLUDED", EXCLUDED), ("NO_CONSERVATION", NO_CONSERVATION), ("NO_GRADCAM", NO_GRADCAM), ("UNSUPPORTED", unsupported))
+    for table_name, table in tables:
         for module, reason in table.items():
             assert isinstance(reason, str) and len(reason.split()) >= 3, (
                 f"{table_name}[{module!r}] needs a concrete reason, got {reason!r}"
             )
-    assert set(NO_CONSERVATION) <= set(TIMM_MODELS), sorted(set(NO_CONSERVATION) - set(TIMM_MODELS))
+    for table_name, table in tables[1:]:
+        assert set(table) <= set(TIMM_MODELS), f"{table_name}: {sorted(set(table) - set(TIMM_MODELS))}"
     assert FAST <= set(TIMM_MODELS), sorted(FAST - set(TIMM_MODELS))
 
 

@@ -38,7 +38,10 @@ TIMM_MODELS: Dict[str, Tuple[str, dict, Tuple[int, int]]] = {
     "byoanet": ("eca_botnext26ts_256", {**_N, "img_size": 32}, (32, 32)),
     "byobnet": ("test_byobnet", {**_N, "img_size": 32}, (32, 32)),
     "cait": ("cait_xxs24_224", {**_N, "img_size": 32, "depth": 2}, (32, 32)),
-    "coat": ("coat_tiny", {**_N, "img_size": 32, "serial_depths": [1, 1, 1, 1], "parallel_depth": 1}, (32, 32)),
+    # pooled patch tokens: its class tokens only ever attend with a query made from themselves, so with them
+    # zeroed (the bias-free copy) a class-token head would output exactly 0
+    "coat": ("coat_tiny", {**_N, "img_size": 32, "serial_depths": [1, 1, 1, 1], "parallel_depth": 1,
+                           "global_pool": "avg"}, (32, 32)),
     "convit": ("convit_tiny", {**_N, "img_size": 32, "depth": 2, "local_up_to_layer": 1}, (32, 32)),
     "convmixer": ("convmixer_768_32", {**_N}, (32, 32)),
     "convnext": ("test_convnext", {**_N}, (32, 32)),
@@ -147,6 +150,20 @@ TIMM_MODELS: Dict[str, Tuple[str, dict, Tuple[int, int]]] = {
 
 #: module -> why it has no entry
 EXCLUDED: Dict[str, str] = {}
+
+#: module -> (what the error names, why): LRP refuses these with UnsupportedOperationError, naming
+#: the operation and the source line, never with a silent answer
+UNSUPPORTED: Dict[str, Tuple[str, str]] = {
+    "sequencer": ("aten.lstm", "nn.LSTM: recurrent cells have no LRP rule here (Arras et al. 2017's LSTM "
+                               "rules are not implemented)"),
+    "efficientvit_mit": ("aten.div", "ReLU linear attention divides the values' sum by the keys' sum, both from "
+                                     "one matmul with a padded column of ones: no rule tells the normaliser apart"),
+}
+
+#: module -> why LayerGradCam(model) finds no layer (LRP still runs and is checked)
+NO_GRADCAM: Dict[str, str] = {
+    "gemma4_vit": "patches are embedded by a linear layer on reshaped pixels: no feature map gives the token grid",
+}
 
 #: module -> why its bias-free copy still adds a constant, so that the
 #: conservation oracle cannot apply (the finite-map check still runs)
