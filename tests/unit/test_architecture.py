@@ -526,7 +526,7 @@ KITCHEN_SINK_REWRITTEN = {
     concatenation_filter: ["cat", "cat.cat", "stack", "stack.stack"],
 }
 KITCHEN_SINK_REWRITTEN_UNMATCHED = [
-    "x", "kernel", "weight", "ln2d.weight", "ln2d_bias", "ln2d.permute", "ln2d.permute_1", "mul", "dropout",
+    "x", "kernel", "weight", "ln2d.weight", "ln2d.bias", "ln2d.permute", "ln2d.permute_1", "mul", "dropout",
     "flatten", "flatten_1", "reshape", "output",
 ]
 

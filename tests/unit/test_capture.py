@@ -546,18 +546,21 @@ def test_batch_specialised_by_export_is_not_dynamic():
         assert torch.equal(at_five.graph_module(x5), model(x5))
 
 
-def test_cache_invalidated_when_a_parameter_changes_in_place():
+def test_graph_sees_parameters_changed_in_place_and_folded_graphs_are_rebuilt():
     model = Scaled().eval()
     x = torch.randn(2, 4)
     prepared = prepare(model, (x,))
+    folded = prepare(model, (x,), fold_batch_norm=True)
     assert prepare(model, (x,)) is prepared
     with torch.no_grad():
         model.lin.weight.add_(1.0)  # an optimiser step
-    updated = prepare(model, (x,))
-    assert updated is not prepared
+    assert prepare(model, (x,)) is prepared, "the graph shares the storage: no capture for new values"
+    with torch.no_grad():
+        assert torch.equal(prepared.graph_module(x), model(x))
+    updated = prepare(model, (x,), fold_batch_norm=True)
+    assert updated is not folded, "folding bakes values in: captured again"
     with torch.no_grad():
         assert torch.equal(updated.graph_module(x), model(x))
-    assert prepare(model, (x,)) is updated
 
 
 def test_cache_invalidated_by_train_eval_and_module_replacement():
