@@ -9,6 +9,7 @@ InputXGradient on the same small input (the two measured alternately, median
 of the repeats; ``benchmarks/run.py`` measures speed at full size). Run:
 
     .venv/bin/python benchmarks/coverage.py            # markdown table on stdout
+    .venv/bin/python benchmarks/coverage.py --timm     # one model per timm module (tests/zoo/timm_models.py)
 """
 import argparse
 import os
@@ -25,6 +26,7 @@ from captum.attr import InputXGradient
 from captum.attr._utils.lrp_rules import EpsilonRule
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "zoo"))
 from helpers.oracles import make_meaningful, zero_additive_constants  # noqa: E402
 
 from captum_graph.attr import LRP  # noqa: E402
@@ -101,13 +103,59 @@ def measure(name: str, repeats: int):
     return size, _relative_error(relevance, logits), _captum_outcome(model, x, targets, logits), ratio
 
 
+def measure_timm(module: str) -> str:
+    """One markdown row: the timm entry's conservation error, Grad-CAM layer, or what refuses it."""
+    from captum_graph.attr import LayerGradCam
+    from timm_models import NO_CONSERVATION, NO_GRADCAM, TIMM_MODELS, UNSUPPORTED, build, zero_timm_additive_constants
+
+    name, _, (height, width) = TIMM_MODELS[module]
+    row = f"| {module} | {name} | {height}x{width} |"
+    model, x = build(module)
+    targets = [3, 7]
+    try:
+        LRP(model).attribute(x, target=targets)
+    except Exception as failure:
+        reason = UNSUPPORTED.get(module, ("", "unexpected"))[1]
+        return f"{row} refused: {type(failure).__name__} ({reason}) | - |"
+    layer = "-" if module in NO_GRADCAM else None
+    if layer is None:
+        cam = LayerGradCam(model)
+        cam.attribute(x, target=targets)
+        layer = f"`{cam.layer_name}`"
+    if module in NO_CONSERVATION:
+        return f"{row} n/a: {NO_CONSERVATION[module].split(':')[0]} | {layer} |"
+    zero_timm_additive_constants(model)
+    relevance = LRP(model, rules={EPSILON_TYPES: EpsilonRule(1e-15)}).attribute(x, target=targets)
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), targets]
+    return f"{row} {_relative_error(relevance, logits):.1e} | {layer} |"
+
+
+def main_timm() -> None:
+    import timm
+    from timm_models import TIMM_MODELS
+
+    print(f"timm {timm.__version__}, torch {torch.__version__}; batch 2, float64, epsilon 1e-15\n")
+    print("| timm module | model | input | max relative conservation error | automatic Grad-CAM layer |")
+    print("|---|---|---|---|---|")
+    for module in sorted(TIMM_MODELS):
+        try:
+            print(measure_timm(module), flush=True)
+        except Exception as failure:  # a row per model, whatever happens
+            print(f"| {module} | - | - | failed: {type(failure).__name__}: {str(failure).splitlines()[0][:80]} | - |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(FAMILIES))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--timm", action="store_true", help="one model per timm module instead")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
+    if args.timm:
+        main_timm()
+        return
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; batch 2, float64\n")
     print("| model | input | captum_graph LRP: max relative conservation error | captum.attr.LRP: the same | captum_graph LRP time / InputXGradient time |")
     print("|---|---|---|---|---|")

@@ -240,17 +240,28 @@ class ModelArchitecture:
         return None if feature is None else self._info(feature)
 
     def token_grid_reference(self, node: Union[str, NodeInfo]) -> Optional[NodeInfo]:
-        """For a token node ``(N, T, C)``, the nearest upstream feature map whose grid the tokens form."""
+        """For a token node ``(N, T, C)``, the nearest upstream feature map ``(N, C, h, w)`` whose grid the
+        tokens form (the same batch: not heads or windows folded into it)."""
         info = self.get_node(node) if isinstance(node, str) else node
         shape = info.shape
-        if shape is None or len(shape) != 3:
+        if shape is None or len(shape) != 3 or shape[0] != self._batch_size(shape[0]):
             return None
         upstream = _ancestors(info._node)
         for candidate in reversed(list(self.graph.nodes)):
-            grid = getattr(candidate.meta.get("tensor_meta"), "shape", None)
-            if candidate in upstream and _is_feature_map(candidate) and 0 < grid[2] * grid[3] <= shape[1] and grid[1] == shape[2]:
+            if candidate not in upstream or not _is_feature_map(candidate):
+                continue
+            grid = self._info(candidate).shape
+            if grid[0] == shape[0] and 0 < grid[2] * grid[3] <= shape[1] and grid[1] == shape[2]:
                 return self._info(candidate)
         return None
+
+    def _batch_size(self, default: int) -> int:
+        """The batch size of the first tensor input, as captured (``default`` where unknown)."""
+        for placeholder in self.graph.find_nodes(op="placeholder"):
+            shape = self._info(placeholder).shape
+            if shape:
+                return shape[0]
+        return default
 
     def _last_patch_token_node(self) -> Optional[NodeInfo]:
         """The last token node ``(N, T, C)`` whose patch tokens (not only the first) reach the output.

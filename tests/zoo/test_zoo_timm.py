@@ -32,38 +32,23 @@ from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: E402
 from captum_graph import UnsupportedOperationError  # noqa: E402
 from captum_graph.attr import LRP, LayerGradCam  # noqa: E402
 from captum_graph.rules import EPSILON_TYPES  # noqa: E402
-from helpers.oracles import (  # noqa: E402
-    ADDITIVE_CONSTANT_NAMES,
-    assert_conserves,
-    make_meaningful,
-    zero_additive_constants,
-)
+from helpers.oracles import assert_conserves  # noqa: E402
 from timm_models import (  # noqa: E402
     EXCLUDED,
     FAST,
     NO_CONSERVATION,
     NO_GRADCAM,
     UNSUPPORTED,
-    TIMM_ADDITIVE_CONSTANT_NAMES,
-    TIMM_CONSTANT_MODULES,
     TIMM_MODELS,
+    build,
     timm_model_modules,
+    zero_timm_additive_constants,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")
 
 TINY_EPSILON = {EPSILON_TYPES: EpsilonRule(1e-15)}
 TARGETS = [3, 7]
-
-
-def _build(module: str):
-    """The entry's model, float64 and eval, with weights that exercise every term; and its input."""
-    name, kwargs, (height, width) = TIMM_MODELS[module]
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    x = torch.randn(2, 3, height, width, dtype=torch.float64)
-    make_meaningful(model, x)
-    return model, x
 
 
 def _params():
@@ -73,25 +58,12 @@ def _params():
     ]
 
 
-def _zero_additive_constants(model) -> None:
-    zero_additive_constants(model)
-    extra = TIMM_ADDITIVE_CONSTANT_NAMES - ADDITIVE_CONSTANT_NAMES
-    with torch.no_grad():
-        for qualname, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if qualname.rsplit(".", 1)[-1] in extra:
-                tensor.zero_()
-        for submodule in model.modules():
-            if type(submodule).__name__ in TIMM_CONSTANT_MODULES:
-                for parameter in submodule.parameters():
-                    parameter.zero_()
-
-
 @pytest.mark.parametrize("module", _params())
 def test_lrp_and_gradcam(module, assert_untouched):
     """On the model as built: a finite LRP map and an automatic Grad-CAM map; then, with its
     additive constants zeroed in place (the captured graph shares the storage and is reused),
     conservation."""
-    model, x = _build(module)
+    model, x = build(module)
     if module in UNSUPPORTED:
         operation, _ = UNSUPPORTED[module]
         with assert_untouched(model, x), pytest.raises(UnsupportedOperationError, match=operation):
@@ -112,7 +84,7 @@ def test_lrp_and_gradcam(module, assert_untouched):
         assert torch.isfinite(heatmap).all(), f"{module}: non-finite Grad-CAM map at '{cam.layer_name}'"
     if module in NO_CONSERVATION:
         return
-    _zero_additive_constants(model)
+    zero_timm_additive_constants(model)
     with torch.no_grad():
         at_zero = model(torch.zeros_like(x))
         logits = model(x)[torch.arange(len(TARGETS)), TARGETS]

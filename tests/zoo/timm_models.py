@@ -25,8 +25,8 @@ program reproduces the model's output.
 from typing import Dict, FrozenSet, Set, Tuple
 
 __all__ = [
-    "TIMM_MODELS", "EXCLUDED", "NO_CONSERVATION", "TIMM_ADDITIVE_CONSTANT_NAMES", "TIMM_CONSTANT_MODULES",
-    "FAST", "timm_model_modules",
+    "TIMM_MODELS", "EXCLUDED", "UNSUPPORTED", "NO_GRADCAM", "NO_CONSERVATION", "TIMM_ADDITIVE_CONSTANT_NAMES",
+    "TIMM_CONSTANT_MODULES", "FAST", "timm_model_modules", "build", "zero_timm_additive_constants",
 ]
 
 _N = {"num_classes": 10}
@@ -163,6 +163,7 @@ UNSUPPORTED: Dict[str, Tuple[str, str]] = {
 #: module -> why LayerGradCam(model) finds no layer (LRP still runs and is checked)
 NO_GRADCAM: Dict[str, str] = {
     "gemma4_vit": "patches are embedded by a linear layer on reshaped pixels: no feature map gives the token grid",
+    "naflexvit": "patches are embedded by a linear layer on reshaped pixels: no feature map gives the token grid",
 }
 
 #: module -> why its bias-free copy still adds a constant, so that the
@@ -205,3 +206,34 @@ def timm_model_modules() -> Set[str]:
     import timm
 
     return set(timm.list_modules())
+
+
+def build(module: str):
+    """The entry's model, float64 and eval, with weights that exercise every term; and its input (batch 2)."""
+    import timm
+    import torch
+    from helpers.oracles import make_meaningful
+
+    name, kwargs, (height, width) = TIMM_MODELS[module]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    x = torch.randn(2, 3, height, width, dtype=torch.float64)
+    make_meaningful(model, x)
+    return model, x
+
+
+def zero_timm_additive_constants(model) -> None:
+    """``helpers.oracles.zero_additive_constants`` and timm's own additive constants, in place."""
+    import torch
+    from helpers.oracles import ADDITIVE_CONSTANT_NAMES, zero_additive_constants
+
+    zero_additive_constants(model)
+    extra = TIMM_ADDITIVE_CONSTANT_NAMES - ADDITIVE_CONSTANT_NAMES
+    with torch.no_grad():
+        for qualname, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if qualname.rsplit(".", 1)[-1] in extra:
+                tensor.zero_()
+        for submodule in model.modules():
+            if type(submodule).__name__ in TIMM_CONSTANT_MODULES:
+                for parameter in submodule.parameters():
+                    parameter.zero_()
