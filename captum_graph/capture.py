@@ -74,8 +74,8 @@ def capture(
 
     ``model`` is run under export, so pass a private copy (``cloning.private_copy``).
     Tensors among ``args`` become the graph's inputs; every other argument
-    (``None``, numbers, flags, and all of ``kwargs`` but tensors) is fixed at its
-    value. The first dimension of the tensors is made dynamic where the model
+    (``None``, numbers, flags) and ``kwargs`` (which may not hold tensors) are
+    fixed at their values. The first dimension of the tensors is made dynamic where the model
     allows it, except for a batch of one: export assumes a dynamic size is
     never one, so that graph would hold for two and more only (a forward may
     branch on ``x.shape[0] == 1``). With ``any_batch`` a batch of one is
@@ -88,12 +88,13 @@ def capture(
             line of the user's source, and what to do. It is also an instance of
             the exception type export raised.
     """
-    for i, arg in enumerate(args):
-        if not isinstance(arg, Tensor) and any(isinstance(leaf, Tensor) for leaf in tree_flatten(arg)[0]):
-            raise CaptureError(
-                f"argument {i} of the call is a {type(arg).__name__} holding tensors; captum_graph "
-                "captures tensors passed as separate positional arguments: pass them one by one"
-            )
+    nested = [i for i, arg in enumerate(args) if not isinstance(arg, Tensor) and _holds_tensors(arg)]
+    nested += [name for name, value in (kwargs or {}).items() if _holds_tensors(value)]
+    if nested:
+        raise CaptureError(
+            f"argument {nested[0]!r} of the call holds tensors inside a container or as a keyword; "
+            "captum_graph captures tensors passed as positional arguments: pass them one by one"
+        )
     call = _Call(model, args, kwargs or {})
     tensors = tuple(call.leaves[i] for i in call.tensor_positions)
     with preserved_training_flags(model), _quiet_export_logs():
@@ -101,6 +102,10 @@ def capture(
     graph_module, dynamic = _flat_graph_module(exported, model, args)
     graph_module.register_forward_pre_hook(_shape_check(graph_module))
     return Captured(graph_module, dynamic, path_specific)
+
+
+def _holds_tensors(value: Any) -> bool:
+    return any(isinstance(leaf, Tensor) for leaf in tree_flatten(value)[0])
 
 
 def _export(call: _Call, tensors: Tuple[Tensor, ...], any_batch: bool):

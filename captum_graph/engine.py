@@ -131,8 +131,10 @@ def _epsilon_hooks(rule: PropagationRule, output: str = "divide", ratio_args: Fr
     epsilon = rule.STABILITY_FACTOR
 
     def pre(module, args):
+        constant = getattr(module, "constant_inputs", ())  # no relevance enters these
+        skipped = ratio_args | frozenset(range(len(args)) if constant == "all" else constant)
         return tuple(
-            _MultiplyByInput.apply(a) if i not in ratio_args and isinstance(a, Tensor) and a.requires_grad else a
+            _MultiplyByInput.apply(a) if i not in skipped and isinstance(a, Tensor) and a.requires_grad else a
             for i, a in enumerate(args)
         )
 

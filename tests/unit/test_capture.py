@@ -318,8 +318,10 @@ def test_capture_has_one_placeholder_per_positional_argument():
 
 
 def test_capture_rejects_containers_of_tensors():
-    with pytest.raises(CaptureError, match=r"argument 0 of the call is a tuple holding tensors[\s\S]*one by one"):
+    with pytest.raises(CaptureError, match=r"argument 0 of the call holds tensors[\s\S]*one by one"):
         capture(private_copy(Scaled()), ((torch.randn(2, 4), torch.randn(2, 4)),))
+    with pytest.raises(CaptureError, match=r"argument 'scale' of the call holds tensors[\s\S]*as a keyword"):
+        capture(private_copy(Scaled()), (torch.randn(2, 4),), {"scale": torch.randn(1)})
 
 
 # ---------------------------------------------------------------------------
