@@ -19,6 +19,7 @@ from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationR
 from torch import Tensor, nn
 
 from .modules import Activation, Addition, Concatenate
+from .passes import moves_data
 from .rules import MoveRule, PassThroughRule, constant_tensor, stabilize
 
 __all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput"]
@@ -178,8 +179,9 @@ class FusedRatios:
     of ``z`` is an epsilon layer (without a capture), the readers skip the
     multiplication and one backward step computes ``grad / stab(z) * z`` on
     the summed gradient: the same relevance up to rounding. Readers may also
-    take ``z`` through concatenations (DenseNet), as long as every part of
-    those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
+    take ``z`` through data movement (reshapes, views, selections: attention's
+    packed projections) and through concatenations (DenseNet), as long as every
+    part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
     read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
     zero relevance elsewhere), so ``z`` is not kept.
     """
@@ -240,7 +242,13 @@ class _Walk:
             return None
         uses, concatenations = [], []
         for reader in value.users:
-            if self.is_concatenation(reader):
+            if _moves_only(reader, value):  # a view or copy of the value: its readers read the value
+                further = self.uses(reader)
+                if further is None:
+                    return None
+                uses += further[0]
+                concatenations += further[1]
+            elif self.is_concatenation(reader):
                 further = self.uses(reader)
                 if further is None:
                     return None
@@ -270,6 +278,13 @@ class _Walk:
             and value in reader.args
             and value not in reader.kwargs.values()
         )
+
+
+def _moves_only(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` only moves ``value`` (a view, a reshape, a selection) and reads no other tensor."""
+    return moves_data(node) and node.args[:1] == (value,) and all(
+        arg is value or not isinstance(arg.meta.get("val"), torch.Tensor) for arg in node.all_input_nodes
+    )
 
 
 def _drop_partly_fused_concatenations(values: Dict[fx.Node, fx.Node], walk: _Walk) -> None:

@@ -5,10 +5,10 @@ probabilities are constants (CP-LRP, Ali et al. 2022; LXT's identity rule), so
 the layer is linear in its input and the epsilon rule applies to it. These
 forwards detach exactly those factors; the values are unchanged up to rounding.
 """
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import modules as M
@@ -52,24 +52,16 @@ def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight=None, eps: Optio
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
     """``F.scaled_dot_product_attention`` (without dropout) with the probabilities held constant.
 
-    The probabilities are computed without recording gradients: nothing of
-    the queries and keys is kept for the backward pass.
+    Queries, keys and the mask are detached: the probabilities they make are
+    constants, relevance flows through the values, and the fused kernel keeps
+    no more for the backward pass than the model's own attention does.
     """
     if dropout_p:
         raise NotImplementedError("attention dropout is random: explain the model in eval mode")
-    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        repeats = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
-    with torch.no_grad():
-        scores = query @ key.transpose(-2, -1) * scale
-        if is_causal:
-            causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        probabilities = scores.softmax(-1)
-    return probabilities @ value
+    mask = attn_mask.detach() if isinstance(attn_mask, Tensor) else attn_mask
+    return F.scaled_dot_product_attention(
+        query.detach(), key.detach(), value, mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
