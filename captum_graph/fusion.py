@@ -315,6 +315,8 @@ def _can_add_in_place(gm: fx.GraphModule, norm: fx.Node) -> bool:
     if len(norm.users) != 1:
         return False
     (addition,) = norm.users
+    if addition.op != "call_module":  # read through a view: not the addition's own memory
+        return False
     module = gm.get_submodule(addition.target)
     return type(module) is Addition and module.alpha == 1 and addition.args[:1] == (norm,) and addition.args.count(norm) == 1
 

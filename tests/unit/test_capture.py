@@ -829,6 +829,8 @@ def test_compiled_model_is_seen_through_and_untouched(assert_untouched):
     x = torch.randn(2, 4)
     with assert_untouched(model, x):
         prepared = prepare(compiled, (x,))
+        through_wrapper = LRP(compiled).attribute(x, target=1)
+    assert torch.equal(through_wrapper, LRP(model).attribute(x, target=1))
     assert [n.meta["qualname"] for n in prepared.graph_module.graph.find_nodes(op="call_module")] == ["0", "1", "2"]
     with torch.no_grad():
         assert torch.equal(prepared.graph_module(x), model(x))
