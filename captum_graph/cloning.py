@@ -20,7 +20,10 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
     require gradients (attribution needs gradients of activations only). Buffers are
     shared tensors, except in modules in training mode (batch norm would update
     them). Hooks and a ``rule`` attribute are not copied (rules are read from
-    the user's module when needed). A child reached twice is copied once.
+    the user's module when needed); containers among the attributes are
+    copied shallowly, so that what a forward stores in them (a cache written
+    while torch.export traces) never reaches the user's model. A child reached
+    twice is copied once.
     """
     memo = {} if memo is None else memo
     if id(module) in memo:
@@ -30,6 +33,8 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
     for key, value in module.__dict__.items():
         if "hook" in key and isinstance(value, dict):
             clone.__dict__[key] = type(value)()
+        elif isinstance(value, (dict, list, set)):  # a cache the forward fills (timm's LeViT) stays the user's
+            clone.__dict__[key] = copy.copy(value)
     clone.__dict__.pop("rule", None)
     state = clone.__dict__  # not setattr: a wrapper's __setattr__ (torch.compile's) writes to the wrapped model
     state["_parameters"] = {name: _share(param) for name, param in module._parameters.items()}

@@ -35,6 +35,10 @@ _OUTPUT_NOT_KEPT = frozenset(
 )
 
 
+# Modules that return their input unchanged in eval mode.
+_IDENTITIES = frozenset((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout))
+
+
 class RatioAtOutput(torch.autograd.Function):
     """Identity forward; backward turns the summed gradient of its readers into the layer's ratio.
 
@@ -180,8 +184,8 @@ class FusedRatios:
     multiplication and one backward step computes ``grad / stab(z) * z`` on
     the summed gradient: the same relevance up to rounding. Readers may also
     take ``z`` through data movement (reshapes, views, selections: attention's
-    packed projections) and through concatenations (DenseNet), as long as every
-    part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
+    packed projections), eval-mode dropout and identities, and through
+    concatenations (DenseNet), as long as every part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
     read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
     zero relevance elsewhere), so ``z`` is not kept.
     """
@@ -242,7 +246,7 @@ class _Walk:
             return None
         uses, concatenations = [], []
         for reader in value.users:
-            if _moves_only(reader, value):  # a view or copy of the value: its readers read the value
+            if _moves_only(reader, value) or self._is_identity(reader, value):  # its readers read the value
                 further = self.uses(reader)
                 if further is None:
                     return None
@@ -259,6 +263,17 @@ class _Walk:
             else:
                 return None
         return uses, concatenations
+
+    def _is_identity(self, node: fx.Node, value: fx.Node) -> bool:
+        """An eval-mode dropout or identity module on ``value`` with a pass-through rule and no capture."""
+        if node.op != "call_module" or node.target in self.captured or node.args != (value,) or node.kwargs:
+            return False
+        module = self.gm.get_submodule(node.target)
+        return (
+            type(module) in _IDENTITIES
+            and not module.training
+            and isinstance(self.rules.get(node.target), (PassThroughRule, IdentityRule))
+        )
 
     def is_concatenation(self, node: fx.Node) -> bool:
         """A concatenation that moves relevance (``MoveRule``) and has no capture."""

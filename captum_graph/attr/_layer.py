@@ -1,6 +1,7 @@
 """Captum's layer methods with layers given by name, by graph node, or chosen automatically."""
 import inspect
-from typing import Any, Optional, Tuple
+import weakref
+from typing import Any, Dict, Optional, Tuple
 
 import torch.fx as fx
 from captum.attr import GuidedGradCam as _GuidedGradCam
@@ -16,7 +17,7 @@ from ..architecture import ModelArchitecture
 from ..errors import LayerResolutionError
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..modules import GridToTokens, Tap, TokensToGrid
-from ..prepare import prepare
+from ..prepare import PreparedModel, prepare
 from ._args import call_arguments
 
 __all__ = [
@@ -48,6 +49,18 @@ def tapped_graph(
     """
     # Captum's layer methods run the model at other batch sizes (steps, baselines): any batch must do
     prepared = prepare(model, None if inputs is None else call_arguments(inputs, additional_forward_args), any_batch=True)
+    key = id(layer) if isinstance(layer, nn.Module) else layer
+    cached = _TAPPED.setdefault(prepared, {}).get(key)
+    if cached is None:
+        cached = _TAPPED[prepared][key] = _tapped(model, prepared, layer)
+    return cached
+
+
+# Tapped graphs per prepared graph and layer: choosing the automatic layer runs the graph once.
+_TAPPED: "weakref.WeakKeyDictionary[PreparedModel, Dict[Any, Tuple[fx.GraphModule, Tap, fx.Node]]]" = weakref.WeakKeyDictionary()
+
+
+def _tapped(model: nn.Module, prepared: PreparedModel, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap, fx.Node]:
     source = prepared.graph_module
     architecture = prepared.architecture(model)
     node = _auto_layer(architecture) if layer is None else resolve_layer(model, prepared, layer)

@@ -252,3 +252,26 @@ def test_deepcopy_of_model_after_attribution_works():
     clone = copy.deepcopy(model)
     x = example_input()
     torch.testing.assert_close(LRP(clone).attribute(x, target=0), LRP(model).attribute(x, target=0))
+
+
+class _CachingScale(nn.Module):
+    """Keeps a tensor it computes in a dict attribute, as timm's LeViT caches attention biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        self.cache = {}
+
+    def forward(self, x):
+        if "scale" not in self.cache:
+            self.cache["scale"] = self.weight * 2
+        return x * self.cache["scale"]
+
+
+def test_what_a_forward_caches_during_capture_never_reaches_the_model():
+    model = nn.Sequential(nn.Linear(4, 4).double(), _CachingScale()).eval()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    LRP(model).attribute(x, target=0)
+    assert model[1].cache == {}, "the capture wrote into the user's module"
+    value = model(x)[0, 0].item()
+    assert isinstance(value, float)  # a real number, not a symbol of the capture
