@@ -1,5 +1,4 @@
 """Rules for normalisation, gates, products and attention, against their formulas (float64)."""
-import math
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from captum_graph import prepare
 from captum_graph.attr import LRP
 from captum_graph.linearized import group_norm, layer_norm
 from captum_graph.passes import fold_batch_norms
