@@ -1,5 +1,4 @@
 """Rules for normalisation, gates, products and attention, against their formulas (float64)."""
-
 import pytest
 import torch
 import torch.nn.functional as F
