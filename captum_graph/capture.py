@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CaptureError, error_class, user_frame
 
-__all__ = ["Captured", "capture", "preserved_training_flags"]
+__all__ = ["Captured", "capture", "shape_check", "preserved_training_flags"]
 
 _ROOT = "model"  # the attribute under which the capture wrapper holds the model
 # reason: torch.export's nn_module_stack entry for nodes made outside any module
@@ -100,7 +100,7 @@ def capture(
     with preserved_training_flags(model), _quiet_export_logs():
         exported, path_specific = _export(call, tensors, any_batch)
     graph_module, dynamic = _flat_graph_module(exported, model, args)
-    graph_module.register_forward_pre_hook(_shape_check(graph_module))
+    graph_module.register_forward_pre_hook(shape_check(graph_module))
     return Captured(graph_module, dynamic, path_specific)
 
 
@@ -259,8 +259,9 @@ def _has_symbolic_batch(node: fx.Node) -> bool:
     return isinstance(value, Tensor) and value.dim() > 0 and _is_symbolic(value.shape[0])
 
 
-def _shape_check(graph_module: fx.GraphModule):
-    """A pre-hook refusing inputs whose fixed sizes differ from the captured ones (no silent broadcast)."""
+def shape_check(graph_module: fx.GraphModule):
+    """A pre-hook for ``graph_module`` (a captured graph or a copy of one) refusing inputs whose fixed
+    sizes differ from the captured ones: no silent broadcast."""
     expected = [
         (i, tuple(None if _is_symbolic(d) else int(d) for d in node.meta["val"].shape))
         for i, node in enumerate(graph_module.graph.find_nodes(op="placeholder"))

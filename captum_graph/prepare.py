@@ -113,10 +113,11 @@ def prepare(
     model = _unwrap(model)
     args = tuple(default_example_inputs(model) if inputs is None else inputs)
     fingerprint = _fingerprint(model, values=fold_batch_norm)
-    # a dynamic graph holds for batches of two and more (export's assumption), unless any batch will do
-    keys = [_signature(args, False, fold_batch_norm)]
+    # A dynamic graph holds for batches of two and more (export's assumption), unless any batch will
+    # do; a fixed-batch graph serves any_batch callers only where it was captured for them.
+    keys = [_signature(args, "fixed, for any batch" if any_batch else "fixed", fold_batch_norm)]
     if any_batch or not _has_batch_of_one(args):
-        keys.insert(0, _signature(args, True, fold_batch_norm))
+        keys.insert(0, _signature(args, "dynamic", fold_batch_norm))
     with _CACHE_LOCK:
         entries = _CACHE.setdefault(model, OrderedDict())
         for key in keys:
@@ -128,7 +129,8 @@ def prepare(
     if not prepared.path_specific:
         with _CACHE_LOCK:
             entries = _CACHE.setdefault(model, OrderedDict())
-            entries[_signature(args, prepared.dynamic_batch, fold_batch_norm)] = (fingerprint, prepared)
+            batch = "dynamic" if prepared.dynamic_batch else "fixed, for any batch" if any_batch else "fixed"
+            entries[_signature(args, batch, fold_batch_norm)] = (fingerprint, prepared)
             while len(entries) > CACHE_SIZE:
                 entries.popitem(last=False)
     return prepared
@@ -182,11 +184,11 @@ def _example_shape(model: nn.Module, module: nn.Module) -> Optional[Tuple[int, .
     return None
 
 
-def _signature(args: Sequence[Any], dynamic_batch: bool, fold_batch_norm: bool) -> tuple:
-    parts: List[Any] = [fold_batch_norm, dynamic_batch]
+def _signature(args: Sequence[Any], batch: str, fold_batch_norm: bool) -> tuple:
+    parts: List[Any] = [fold_batch_norm, batch]
     for arg in args:
         if isinstance(arg, Tensor):
-            shape = tuple(arg.shape[1:]) if dynamic_batch and arg.dim() else tuple(arg.shape)
+            shape = tuple(arg.shape[1:]) if batch == "dynamic" and arg.dim() else tuple(arg.shape)
             parts.append(("tensor", arg.dtype, arg.device, arg.dim(), shape))
         else:
             parts.append(("value", _hashable(arg)))

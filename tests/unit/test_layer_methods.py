@@ -281,3 +281,15 @@ def test_vit_b_16_at_224_gives_a_14_by_14_map():
     ours = cam.attribute(x, target=1, relu_attributions=True)
     assert ours.shape == (1, 1, 14, 14)
     torch.testing.assert_close(ours, _vit_reference(model, x, 1), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_method_after_lrp_at_a_batch_of_one_runs_at_its_own_batch_sizes():
+    """LRP captures a batch of one as it is; Integrated Gradients then runs the model at 1 x n_steps."""
+    torch.manual_seed(0)
+    model = _Residual().double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    graph_attr.LRP(model).attribute(x, target=1)  # a fixed-batch graph for (1, 3, 6, 6)
+    ours = graph_attr.LayerIntegratedGradients(model, "add").attribute(x, target=1, n_steps=8)
+    reference = _ResidualAsModules(model).eval()
+    theirs = captum_attr.LayerIntegratedGradients(reference, reference.add).attribute(x, target=1, n_steps=8)
+    torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-12)
