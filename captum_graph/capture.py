@@ -100,7 +100,7 @@ def capture(
     with preserved_training_flags(model), _quiet_export_logs():
         exported, path_specific = _export(call, tensors, any_batch)
     graph_module, dynamic = _flat_graph_module(exported, model, args)
-    graph_module.register_forward_pre_hook(shape_check(graph_module))
+    graph_module.register_forward_pre_hook(shape_check(graph_module), with_kwargs=True)
     return Captured(graph_module, dynamic, path_specific)
 
 
@@ -263,18 +263,21 @@ def shape_check(graph_module: fx.GraphModule):
     """A pre-hook for ``graph_module`` (a captured graph or a copy of one) refusing inputs whose fixed
     sizes differ from the captured ones: no silent broadcast."""
     expected = [
-        (i, tuple(None if _is_symbolic(d) else int(d) for d in node.meta["val"].shape))
+        (i, node.target, tuple(None if _is_symbolic(d) else int(d) for d in node.meta["val"].shape))
         for i, node in enumerate(graph_module.graph.find_nodes(op="placeholder"))
         if isinstance(node.meta.get("val"), Tensor)
     ]
 
-    def check(module, args):
-        for i, shape in expected:
-            given = args[i].shape if i < len(args) and isinstance(args[i], Tensor) else None
-            if given is None or len(given) != len(shape) or any(s is not None and s != g for s, g in zip(shape, given)):
+    def check(module, args, kwargs):
+        for i, name, shape in expected:
+            value = args[i] if i < len(args) else kwargs.get(name)
+            if not isinstance(value, Tensor):
+                continue  # not a tensor yet: a hook registered later (Captum's DeepLift) builds it
+            given = value.shape
+            if len(given) != len(shape) or any(s is not None and s != g for s, g in zip(shape, given)):
                 raise CaptureError(
                     f"the graph of {graph_module.__class__.__name__} was captured for argument {i} of shape "
-                    f"{_shape_text(shape)}; it is called with {None if given is None else tuple(given)}. "
+                    f"{_shape_text(shape)}; it is called with {tuple(given)}. "
                     "Call captum_graph with inputs of the shape you explain (it captures again for a new shape)."
                 )
 

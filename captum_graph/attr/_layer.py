@@ -84,7 +84,7 @@ def _tapped(model: nn.Module, prepared: PreparedModel, layer: Optional[LayerSpec
     extra = {} if reference is None else {_UNTAP: GridToTokens()}
     owners = {n.target: _fetch(source, n.target) for n in graph.nodes if n.op in ("call_module", "get_attr") and n.target not in (_TAP, _UNTAP)}
     gm = fx.GraphModule({**owners, _TAP: tap, **extra}, graph, type(model).__name__)
-    gm.register_forward_pre_hook(shape_check(gm))  # as the captured graph: never at other fixed sizes
+    gm.register_forward_pre_hook(shape_check(gm), with_kwargs=True)  # as the captured graph: never at other sizes
     return gm, tap, node
 
 
