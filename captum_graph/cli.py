@@ -381,8 +381,9 @@ def _image_input(path: str, size: int, mean: Sequence[float], std: Sequence[floa
 
     try:
         return _preprocess(path, size, mean, std)[0]
-    except UsageError as error:
-        raise UnreadableExampleError(str(error)) from error
+    except UsageError as error:  # its message names the path; the run lists the file by its key
+        cause = error.__cause__ or error
+        raise UnreadableExampleError(f"{type(cause).__name__}: {_first_line(cause)}") from error
 
 
 def _image_folder(data: str, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
@@ -494,7 +495,7 @@ def _print_run(summary: Any, files: Any, target_text: str) -> None:
     rate = summary.examples_now / summary.seconds if summary.seconds > 0 else 0.0
     processes = "1 process" if summary.world_size == 1 else f"{summary.world_size} processes"
     print(
-        f"Attributed {summary.examples_now} images ({', '.join(summary.methods)}; {target_text}) with {processes} "
+        f"Went through {summary.examples_now} images ({', '.join(summary.methods)}; {target_text}) with {processes} "
         f"in {summary.seconds:.1f} s: {rate:.2f} images/s"
     )
     if summary.shards_before:
@@ -718,7 +719,10 @@ def _add_folder_run_options(parser: argparse.ArgumentParser, out_option: bool) -
         group.add_argument("--out", required=True, metavar="OUT", help="output directory (shared by all processes), created if needed")
     group.add_argument("--resume", action="store_true", help="continue the run in OUT, skipping what is done")
     group.add_argument("--workers", type=int, default=0, metavar="N", help="data-loading processes per process (default: 0, read in the main process)")
-    group.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda")
+    group.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="auto (default): cuda:LOCAL_RANK when CUDA is available, else cpu; cuda means cuda:LOCAL_RANK",
+    )
     group.add_argument("--points", type=int, default=16, metavar="K", help="pixel-flipping steps from none to all pixels deleted (default: 16)")
 
 

@@ -476,7 +476,7 @@ def _remove_temporaries(out_dir: str) -> None:
 def _as_numpy(tensor: Tensor) -> np.ndarray:
     tensor = tensor.cpu()
     if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()  # numpy has no bfloat16; float16 keeps float32 for uniform files
+        tensor = tensor.float()  # numpy has no bfloat16: both half precisions are stored as float32
     return tensor.numpy()
 
 
@@ -533,7 +533,7 @@ def _store() -> Optional[Any]:
     if not _distributed():
         return None
     # Fragile: torch's private accessor of the default group's store (torch 2.x); without it the bar
-    # shows rank 0's share scaled by the number of processes. Exercised by tests/dataset under torchrun.
+    # shows rank 0's share scaled by the number of processes. test_dataset_api.py fails if it moves.
     getter = getattr(dist.distributed_c10d, "_get_default_store", None)
     try:
         return getter() if getter is not None else None
@@ -702,6 +702,8 @@ def _start_run(
             )
         _remove_temporaries(out_dir)
     else:
+        if _records(out_dir):
+            raise DatasetRunError(f"{out_dir} holds shard records but no run.json: empty it or choose another directory")
         done = {}
         previous = dict(settings, shard_size=shard_size or batch_size, metadata=metadata, created=time.time())
         for folder in ("shards", *settings["methods"]):

@@ -223,3 +223,46 @@ def test_without_torchrun_the_process_group_is_one_process():
     with process_group("cpu") as info:
         assert (info.rank, info.world_size, info.device) == (0, 1, torch.device("cpu"))
         assert not torch.distributed.is_initialized()
+
+
+def test_progress_shows_images_per_second(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    attribute_dataset(lrp_and_ixg, Examples(4), str(tmp_path), batch_size=2, target=0, progress=True)
+    err = capsys.readouterr().err
+    assert "attributing" in err and "4/4" in err and "image/s" in err
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no folder", "--data must be a folder of images"),
+        ("no images", "no images in"),
+        ("negative workers", "--workers must be 0 or more"),
+        ("run there", "already holds attributions"),
+        ("evaluate nothing", "holds no attribution run"),
+        ("evaluate an API run", "not written by captum-graph attribute"),
+    ],
+)
+def test_command_line_errors_are_one_line(tmp_path, capsys, case, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (20, 12)).save(tmp_path / "images" / "sub" / "black.png")
+    attribute_dataset(lrp_and_ixg, Examples(2), str(tmp_path / "api_run"), target=0)
+    base = ["attribute", MODEL, "--size", "16", "--out", str(tmp_path / "out")]
+    argv = {
+        "no folder": base + ["--data", str(tmp_path / "missing")],
+        "no images": base + ["--data", str(tmp_path / "empty")],
+        "negative workers": base + ["--data", str(tmp_path / "images"), "--workers", "-1"],
+        "run there": ["attribute", MODEL, "--size", "16", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "api_run")],
+        "evaluate nothing": ["evaluate", str(tmp_path / "empty")],
+        "evaluate an API run": ["evaluate", str(tmp_path / "api_run")],
+    }[case]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("captum-graph: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_private_store_accessor_of_the_progress_bar_is_there():
+    # captum_graph.dataset._store reads torch.distributed's default store through this private name.
+    assert callable(getattr(torch.distributed.distributed_c10d, "_get_default_store", None))

@@ -206,3 +206,18 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(runs):
     assert sorted(redone) == sorted(set(range(8)) - set(before))
     assert not [path for path in (root / "killed").rglob("*") if ".tmp-" in path.name]
     assert f"resumed: {len(before)} shards were done before" in runs["resumed"].stdout
+
+
+def test_the_evaluate_command_reads_the_run_settings(runs, capsys):
+    reference = runs["root"] / "reference"
+    first = json.loads((reference / "evaluation.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["evaluate", str(reference), "--batch-size", "3"]) == 0  # model, data, preprocessing from run.json
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "Pixel flipping on 30 images" in out and "random order" in out
+    again = json.loads((reference / "evaluation.json").read_text())
+    assert again["aopc"] == pytest.approx(first["aopc"], rel=1e-6) and set(again["aopc"]) == set(METHODS)
