@@ -410,14 +410,31 @@ def _as_list(items: List[_Item]) -> List[_Item]:
     return items
 
 
-def _loader(dataset: Any, batches: List[List[int]], skip: Tuple[Type[BaseException], ...], workers: int) -> Iterator[List[_Item]]:
+def _batches_by_shard(
+    dataset: Any,
+    shards: Mapping[int, Sequence[int]],
+    batch_size: int,
+    skip: Tuple[Type[BaseException], ...],
+    workers: int,
+) -> Iterator[Tuple[int, List[_Item], bool]]:
+    """``(shard, one batch of its items, whether it is the shard's last)`` for each shard's indices in turn.
+
+    One ``DataLoader`` reads them all, so its worker processes start once
+    and read ahead across shard boundaries.
+    """
+    batches: List[List[int]] = []
+    owners: List[Tuple[int, bool]] = []
+    for shard, indices in shards.items():
+        cut = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+        batches += cut
+        owners += [(shard, k == len(cut) - 1) for k in range(len(cut))]
     if not batches:
-        return iter(())
-    return iter(
-        torch.utils.data.DataLoader(
-            _SafeItems(dataset, skip), batch_sampler=batches, collate_fn=_as_list, num_workers=workers
-        )
+        return
+    loader = torch.utils.data.DataLoader(
+        _SafeItems(dataset, skip), batch_sampler=batches, collate_fn=_as_list, num_workers=workers
     )
+    for (shard, last), items in zip(owners, loader):
+        yield shard, items, last
 
 
 # ---------------------------------------------------------------------------
@@ -654,11 +671,18 @@ def attribute_dataset(
         shards = plan["pending"][info.rank :: info.world_size]
         started = time.time()
         progress_bar = _Progress(info, plan["pending_examples"], "attributing", progress)
+        size, count = plan["shard_size"], plan["examples"]
+        indices = {shard: range(shard * size, min((shard + 1) * size, count)) for shard in shards}
+        current: Optional[_ShardResult] = None
         try:
-            for shard in shards:
-                _attribute_shard(
-                    shard, plan, explainers, dataset, keys, out_dir, batch_size, target, info, num_workers, skip_errors, progress_bar
-                )
+            for shard, items, last in _batches_by_shard(dataset, indices, batch_size, skip_errors, num_workers):
+                if current is None:
+                    current = _ShardResult(shard, indices[shard], list(explainers.methods))
+                current.add(items, keys, explainers, target, info.device)
+                progress_bar.update(len(items))
+                if last:
+                    current.write(out_dir, keys, info.rank, plan["run"])
+                    current = None
         finally:
             progress_bar.close()
         _write_json(
@@ -733,69 +757,59 @@ def _shard_count(run: Mapping[str, Any]) -> int:
     return -(-run["examples"] // run["shard_size"])
 
 
-def _attribute_shard(
-    shard: int,
-    plan: Mapping[str, Any],
-    explainers: Explainers,
-    dataset: Any,
-    keys: Sequence[str],
-    out_dir: str,
-    batch_size: int,
-    target: Target,
-    info: ProcessInfo,
-    workers: int,
-    skip: Tuple[Type[BaseException], ...],
-    progress: _Progress,
-) -> None:
-    """Explain one shard in batches; write each method's array, then the shard's record."""
-    started = time.time()
-    start = shard * plan["shard_size"]
-    stop = min(start + plan["shard_size"], plan["examples"])
-    indices = list(range(start, stop))
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    rows: List[int] = []
-    targets: List[Optional[int]] = []
-    failed: List[Dict[str, Any]] = []
-    parts: Dict[str, List[np.ndarray]] = {name: [] for name in explainers.methods}
-    for items in _loader(dataset, batches, skip, workers):
-        failed += [{"key": keys[item.index], "index": item.index, "error": item.error} for item in items if item.error is not None]
+class _ShardResult:
+    """One shard's attributions as its batches come: stored rows, targets, unreadable examples, arrays."""
+
+    def __init__(self, shard: int, indices: range, methods: List[str]) -> None:
+        self.shard, self.indices, self.started = shard, indices, time.time()
+        self.rows: List[int] = []
+        self.targets: List[Optional[int]] = []
+        self.failed: List[Dict[str, Any]] = []
+        self.parts: Dict[str, List[np.ndarray]] = {name: [] for name in methods}
+
+    def add(self, items: List[_Item], keys: Sequence[str], explainers: Explainers, target: Target, device: torch.device) -> None:
+        """Explain one batch; an item that could not be read is recorded as failed."""
+        self.failed += [{"key": keys[i.index], "index": i.index, "error": i.error} for i in items if i.error is not None]
         good = [item for item in items if item.error is None]
-        if good:
-            inputs = _stack([item.input for item in good], good).to(info.device)
-            chosen = _targets(target, explainers, inputs, [item.target for item in good])
-            for name, method in explainers.methods.items():
-                parts[name].append(_as_numpy(_explain(method, inputs, chosen)))
-            rows += [item.index for item in good]
-            targets += [None] * len(good) if chosen is None else chosen.tolist()
-        progress.update(len(items))
-    files, shapes = {}, {}
-    for name, arrays in parts.items():
-        if not arrays:
-            continue
-        if len({a.shape[1:] for a in arrays}) > 1:
-            raise DatasetRunError(
-                f"method {name!r} gave attributions of different shapes within shard {shard} "
-                f"({sorted({a.shape[1:] for a in arrays})}); use shard_size=batch_size for inputs of varying size"
-            )
-        array = np.concatenate(arrays)
-        files[name] = f"{name}/{_shard_name(shard)}.npy"
-        shapes[name] = list(array.shape)
-        _write_atomically(os.path.join(out_dir, files[name]), functools.partial(np.save, arr=array, allow_pickle=False))
-    record = {
-        "shard": shard,
-        "start": start,
-        "stop": stop,
-        "keys": [keys[i] for i in rows],
-        "indices": rows,
-        "targets": None if rows and targets[0] is None else targets,
-        "failed": failed,
-        "files": files,
-        "shapes": shapes,
-        "rank": info.rank,
-        "run": plan["run"],
-        "seconds": round(time.time() - started, 3),
-    }
-    _write_json(os.path.join(out_dir, "shards", f"{_shard_name(shard)}.json"), record)
+        if not good:
+            return
+        inputs = _stack([item.input for item in good], good).to(device)
+        chosen = _targets(target, explainers, inputs, [item.target for item in good])
+        for name, method in explainers.methods.items():
+            self.parts[name].append(_as_numpy(_explain(method, inputs, chosen)))
+        self.rows += [item.index for item in good]
+        self.targets += [None] * len(good) if chosen is None else chosen.tolist()
+
+    def write(self, out_dir: str, keys: Sequence[str], rank: int, run: str) -> None:
+        """Each method's array, then the shard's record (which marks the shard done)."""
+        files, shapes = {}, {}
+        for name, arrays in self.parts.items():
+            if not arrays:
+                continue
+            if len({a.shape[1:] for a in arrays}) > 1:
+                raise DatasetRunError(
+                    f"method {name!r} gave attributions of different shapes within shard {self.shard} "
+                    f"({sorted({a.shape[1:] for a in arrays})}); use shard_size=batch_size for inputs of varying size"
+                )
+            array = np.concatenate(arrays)
+            files[name] = f"{name}/{_shard_name(self.shard)}.npy"
+            shapes[name] = list(array.shape)
+            _write_atomically(os.path.join(out_dir, files[name]), functools.partial(np.save, arr=array, allow_pickle=False))
+        record = {
+            "shard": self.shard,
+            "start": self.indices.start,
+            "stop": self.indices.stop,
+            "keys": [keys[i] for i in self.rows],
+            "indices": self.rows,
+            "targets": None if self.rows and self.targets[0] is None else self.targets,
+            "failed": self.failed,
+            "files": files,
+            "shapes": shapes,
+            "rank": rank,
+            "run": run,
+            "seconds": round(time.time() - self.started, 3),
+        }
+        _write_json(os.path.join(out_dir, "shards", f"{_shard_name(self.shard)}.json"), record)
 
 
 def _stack(inputs: List[Tensor], items: List[_Item]) -> Tensor:
@@ -1023,12 +1037,23 @@ def evaluate_dataset(
         model = model_factory(info.device)
         keys = _dataset_keys(dataset, None)
         plan = _on_rank_zero(info, lambda: _start_evaluation(out_dir, _digest(keys), resume))
-        shards = plan["pending"][info.rank :: info.world_size]
+        records = {
+            shard: _read_json(os.path.join(out_dir, "shards", f"{_shard_name(shard)}.json"))
+            for shard in plan["pending"][info.rank :: info.world_size]
+        }
+        flipping = _Flipping(model, points, baseline, random_order, seed, batch_size, info.device)
         progress_bar = _Progress(info, plan["pending_examples"], "evaluating", progress)
+        indices = {shard: record["indices"] for shard, record in records.items()}
+        current: Optional[_ShardCurves] = None
         try:
-            for shard in shards:
-                record = _read_json(os.path.join(out_dir, "shards", f"{_shard_name(shard)}.json"))
-                _evaluate_shard(record, model, dataset, out_dir, batch_size, points, baseline, random_order, seed, info, num_workers, progress_bar)
+            for shard, items, last in _batches_by_shard(dataset, indices, batch_size, (OSError,), num_workers):
+                if current is None:
+                    current = _ShardCurves(records[shard], out_dir)
+                current.add(items, flipping)
+                progress_bar.update(len(items))
+                if last:
+                    current.write(out_dir)
+                    current = None
         finally:
             progress_bar.close()
         _barrier()
@@ -1066,58 +1091,64 @@ def _start_evaluation(out_dir: str, digest: str, resume: bool) -> Dict[str, Any]
     }
 
 
-def _evaluate_shard(
-    record: Mapping[str, Any],
-    model: nn.Module,
-    dataset: Any,
-    out_dir: str,
-    batch_size: int,
-    points: int,
-    baseline: float,
-    random_order: bool,
-    seed: int,
-    info: ProcessInfo,
-    workers: int,
-    progress: _Progress,
-) -> None:
-    from .perturbation import aopc_per_example, pixel_flipping, random_pixel_flipping
+class _Flipping(NamedTuple):
+    """The pixel-flipping settings of an evaluation."""
 
-    indices = record["indices"]
-    rankings = {name: _memory_map(os.path.join(out_dir, path)) for name, path in record["files"].items()}
-    row_of = {index: row for row, index in enumerate(indices)}
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    curves: Dict[str, List[Tensor]] = {name: [] for name in rankings}
-    random_curves: List[Tensor] = []
-    for items in _loader(dataset, batches, (OSError,), workers):
-        if any(item.error is not None for item in items):
-            broken = next(item for item in items if item.error is not None)
-            raise DatasetRunError(f"example {broken.index} was read for its attribution but cannot be read now: {broken.error}")
-        images = _stack([item.input for item in items], items).to(info.device)
+    model: nn.Module
+    points: int
+    baseline: float
+    random_order: bool
+    seed: int
+    max_batch: int
+    device: torch.device
+
+
+class _ShardCurves:
+    """One shard's deletion curves per method (and in random order) as its batches come."""
+
+    def __init__(self, record: Mapping[str, Any], out_dir: str) -> None:
+        self.record = record
+        self.rankings = {name: _memory_map(os.path.join(out_dir, path)) for name, path in record["files"].items()}
+        self.row_of = {index: row for row, index in enumerate(record["indices"])}
+        self.curves: Dict[str, List[Tensor]] = {name: [] for name in self.rankings}
+        self.random_curves: List[Tensor] = []
+
+    def add(self, items: List[_Item], flipping: _Flipping) -> None:
+        from .perturbation import pixel_flipping, random_pixel_flipping
+
+        broken = [item for item in items if item.error is not None]
+        if broken:
+            raise DatasetRunError(f"example {broken[0].index} was read for its attribution but cannot be read now: {broken[0].error}")
+        images = _stack([item.input for item in items], items).to(flipping.device)
         if images.dim() != 4:
             raise DatasetRunError(f"pixel flipping needs image inputs (N, C, H, W), got {tuple(images.shape)}")
-        rows = [row_of[item.index] for item in items]
-        targets = torch.as_tensor([record["targets"][row] for row in rows], device=info.device)
-        for name, stored in rankings.items():
+        rows = [self.row_of[item.index] for item in items]
+        targets = torch.as_tensor([self.record["targets"][row] for row in rows], device=flipping.device)
+        settings = dict(baseline=flipping.baseline, points=flipping.points, max_batch=flipping.max_batch)
+        for name, stored in self.rankings.items():
             ranking = torch.from_numpy(np.array(stored[rows]))
-            curves[name].append(pixel_flipping(model, images, targets, ranking, baseline=baseline, points=points, max_batch=batch_size).cpu())
-        if random_order:
-            shard_seed = seed * 1_000_003 + record["shard"] * 7919 + rows[0]
-            random_curves.append(
-                random_pixel_flipping(model, images, targets, repeats=1, seed=shard_seed, baseline=baseline, points=points, max_batch=batch_size).cpu()
-            )
-        progress.update(len(items))
-    joined = {name: torch.cat(parts).double() for name, parts in curves.items()}
-    result = {
-        "shard": record["shard"],
-        "keys": record["keys"],
-        "aopc": {name: aopc_per_example(curve).tolist() for name, curve in joined.items()},
-        "curve_sums": {name: curve.sum(0).tolist() for name, curve in joined.items()},
-    }
-    if random_order:
-        randoms = torch.cat(random_curves).double()
-        result["random_aopc"] = aopc_per_example(randoms).tolist()
-        result["random_curve_sum"] = randoms.sum(0).tolist()
-    _write_json(os.path.join(out_dir, "evaluation", f"{_shard_name(record['shard'])}.json"), result)
+            self.curves[name].append(pixel_flipping(flipping.model, images, targets, ranking, **settings).cpu())
+        if flipping.random_order:
+            # One seed per batch, fixed by the shard layout, not by the process that evaluates it.
+            seed = flipping.seed * 1_000_003 + self.record["shard"] * 7919 + rows[0]
+            self.random_curves.append(random_pixel_flipping(flipping.model, images, targets, repeats=1, seed=seed, **settings).cpu())
+
+    def write(self, out_dir: str) -> None:
+        """Per-example AOPC and the sum of the curves, per method, to ``evaluation/<shard>.json``."""
+        from .perturbation import aopc_per_example
+
+        joined = {name: torch.cat(parts).double() for name, parts in self.curves.items()}
+        result = {
+            "shard": self.record["shard"],
+            "keys": self.record["keys"],
+            "aopc": {name: aopc_per_example(curve).tolist() for name, curve in joined.items()},
+            "curve_sums": {name: curve.sum(0).tolist() for name, curve in joined.items()},
+        }
+        if self.random_curves:
+            randoms = torch.cat(self.random_curves).double()
+            result["random_aopc"] = aopc_per_example(randoms).tolist()
+            result["random_curve_sum"] = randoms.sum(0).tolist()
+        _write_json(os.path.join(out_dir, "evaluation", f"{_shard_name(self.record['shard'])}.json"), result)
 
 
 def _finish_evaluation(out_dir: str, methods: Sequence[str], points: int, random_order: bool) -> EvaluationSummary:

@@ -2,6 +2,7 @@
 
 The multi-process behaviour (torchrun, kill and resume) is in ``test_dataset_runs.py``.
 """
+import functools
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from captum_graph.dataset import (
     FROM_DATASET,
     DatasetRunError,
     Explainers,
+    ImageFiles,
     attribute_dataset,
     evaluate_dataset,
     open_attributions,
@@ -266,3 +268,24 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, case, message):
 def test_the_private_store_accessor_of_the_progress_bar_is_there():
     # captum_graph.dataset._store reads torch.distributed's default store through this private name.
     assert callable(getattr(torch.distributed.distributed_c10d, "_get_default_store", None))
+
+
+def test_image_files_are_found_recursively_and_broken_ones_are_listed(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    root = tmp_path / "images"
+    (root / "b" / "c").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(root / "b" / "c" / "red.PNG")
+    Image.new("L", (12, 40), 128).save(root / "grey.webp")
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(root / "b" / "whole.jpg")
+    (root / "b" / "truncated.jpg").write_bytes((root / "b" / "whole.jpg").read_bytes()[:200])
+    (root / "empty.gif").write_bytes(b"")
+    (root / "readme.md").write_text("not an image")
+    load = functools.partial(cli._image_input, size=16, mean=cli.IMAGENET_MEAN, std=cli.IMAGENET_STD)
+    files = ImageFiles(str(root), load)
+    assert files.keys == ["b/c/red.PNG", "b/truncated.jpg", "b/whole.jpg", "empty.gif", "grey.webp"]
+    assert files.ignored == ["readme.md"]
+    assert files[0].shape == files[4].shape == (3, 16, 16)  # mixed sizes and modes come out alike
+    summary = attribute_dataset(lrp_and_ixg, files, str(tmp_path / "out"), batch_size=2, target=0)
+    assert sorted(summary.failed) == ["b/truncated.jpg", "empty.gif"], summary.failed
+    assert "OSError" in summary.failed["b/truncated.jpg"] and "UnidentifiedImageError" in summary.failed["empty.gif"]
+    assert list(open_attributions(str(tmp_path / "out"), "lrp")) == ["b/c/red.PNG", "b/whole.jpg", "grey.webp"]
