@@ -18,7 +18,8 @@ process group is set up from torchrun's environment, ``gloo`` on CPUs and
 How the work is split. The dataset's indices are cut into shards of
 ``shard_size`` consecutive examples (the last one may be shorter). The shards
 still to do are dealt out in turn to the processes, so no example is done twice
-and none is padded in (as ``DistributedSampler`` would). A shard is explained in
+and none is padded in (``DistributedSampler`` repeats examples to even out the
+processes' shares). A shard is explained in
 batches of ``batch_size`` and then written. Its shards and batches do not
 depend on the number of processes, so with the same number of threads per
 process the arrays are the same bit for bit on one process or many.
