@@ -16,15 +16,13 @@ Nothing here imports a model library: a model is anything that takes
 
 Examples::
 
-    >>> from captum.attr.visualization import visualize_text
+    >>> from captum.attr import visualization
     >>> from captum_graph.text import explain_texts, render_terminal
     >>> results = explain_texts(model, tokenizer, ["a wonderful day", "a day"])
     >>> print(render_terminal(results))            # coloured on a terminal
-    >>> visualize_text([r.to_record() for r in results])  # in a notebook
+    >>> visualization.visualize_text([r.to_record() for r in results])  # in a notebook
 """
-import contextlib
 import html
-import io
 import os
 import sys
 from dataclasses import dataclass
@@ -362,14 +360,16 @@ def html_page(results: Sequence[TokenRelevance], title: str = "Relevance per tok
     """A standalone HTML page of Captum's ``visualize_text`` table of ``results``.
 
     Needs IPython (Captum's ``visualize_text`` does). Captum's colours: green
-    for positive relevance, red for negative. Outside a notebook the display
-    call ``visualize_text`` makes is kept quiet; in a notebook, call
-    ``visualize_text([r.to_record() for r in results])`` to show the table.
+    for positive relevance, red for negative. The table ``visualize_text``
+    displays as it renders is captured, so nothing is shown or printed; in a
+    notebook, ``visualize_text([r.to_record() for r in results])`` shows it.
     """
     from captum.attr import visualization
 
     require_ipython()
-    with contextlib.redirect_stdout(io.StringIO()):  # visualize_text displays (prints outside IPython) as it returns
+    from IPython.utils.capture import capture_output
+
+    with capture_output():  # visualize_text displays its table (prints it outside a notebook) before returning it
         table = visualization.visualize_text([result.to_record() for result in results]).data
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
