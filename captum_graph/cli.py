@@ -474,7 +474,7 @@ def _class_names(model: nn.Module) -> str:
 
 
 def _explain_text(args: argparse.Namespace) -> int:
-    from .text import explain_texts, html_page, render_terminal, require_ipython
+    from .text import explain_texts, html_page, render_terminal, require_ipython, terminal_legend
 
     methods = _text_methods(args.method)
     requested = _target(args.target)
@@ -484,12 +484,23 @@ def _explain_text(args: argparse.Namespace) -> int:
         raise UsageError("--weights, --num-classes and --layer are for image models; an hf: folder holds its own weights")
     if not all(text.strip() for text in args.text):
         raise UsageError("--text got an empty text")
+    if args.top < 0:
+        raise UsageError(f"--top must be 0 or more, got {args.top}")
     out = None
     if args.out is not None:
         require_ipython()
         out = _output_dir(args.out)
     model, tokenizer = load_hf(args.model[len(HF_PREFIX) :])
     _require_inputs_embeds(model)
+    longest = max(len(ids) for ids in tokenizer(args.text)["input_ids"])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise UsageError(f"a text has {longest} tokens; the model takes at most {limit} (its max_position_embeddings)")
+    try:
+        with torch.no_grad():
+            model(**tokenizer(args.text, padding=True, return_tensors="pt"))
+    except Exception as error:  # e.g. a text longer than the model's position embeddings
+        raise UsageError(f"the model failed on the texts: {type(error).__name__}: {_first_line(error)}") from error
     classes = _class_names(model)
     if classes:
         print(f"classes: {classes}")
@@ -505,7 +516,7 @@ def _explain_text(args: argparse.Namespace) -> int:
             with open(path, "w", encoding="utf-8") as page:
                 page.write(html_page(results, title=f"{title}: relevance per token"))
             written.append(path)
-    legend = render_terminal([], legend=True)
+    legend = terminal_legend()
     if legend:
         print(f"\n{legend}")
     if written:

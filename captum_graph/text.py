@@ -38,6 +38,7 @@ __all__ = [
     "token_relevance",
     "explain_texts",
     "render_terminal",
+    "terminal_legend",
     "html_page",
     "require_ipython",
     "use_color",
@@ -305,11 +306,18 @@ def _ansi_token(token: str, share: float) -> str:
 
 
 def _header(result: TokenRelevance) -> str:
-    explained = "relevance" if result.target is None else f"class {result.target}"
+    explained = "" if result.target is None else f"class {result.target} "
     if result.predicted is not None:
         probability = "" if result.probability is None else f", p={result.probability:.2f}"
-        explained += f" (predicted {result.predicted}{probability})"
-    return f"{explained}: relevance sum {result.total:+.4g}"
+        explained += f"(predicted {result.predicted}{probability}) "
+    return f"{explained.rstrip()}: relevance sum {result.total:+.4g}" if explained else f"relevance sum {result.total:+.4g}"
+
+
+def terminal_legend(color: Optional[bool] = None) -> str:
+    """A line that shows :func:`render_terminal`'s colours; empty without colour (``None``: :func:`use_color`)."""
+    if not (use_color() if color is None else color):
+        return ""
+    return "legend: " + " ".join(_ansi_token(*sample) for sample in (("for the class", 1.0), ("weakly for", 0.3), ("against", -1.0)))
 
 
 def render_terminal(
@@ -327,7 +335,7 @@ def render_terminal(
         results: one or several :class:`TokenRelevance`.
         color: force colour on or off; ``None``: :func:`use_color` on stdout.
         top: how many top tokens to list (0: none).
-        legend: end with a line that shows the colours (only with colour).
+        legend: end with :func:`terminal_legend` (only with colour).
     """
     results = [results] if isinstance(results, TokenRelevance) else list(results)
     color = use_color() if color is None else color
@@ -343,8 +351,7 @@ def render_terminal(
         if top > 0:
             lines.append("  top: " + ", ".join(f"{token} {score:+.4g}" for _, token, score in result.top(top)))
     if color and legend:
-        samples = [_ansi_token("for the class", 1.0), _ansi_token("weakly for", 0.3), _ansi_token("against", -1.0)]
-        lines.append("legend: " + " ".join(samples))
+        lines.append(terminal_legend(color))
     return "\n".join(lines)
 
 

@@ -148,7 +148,7 @@ def test_terminal_without_colour_writes_shares_in_brackets():
     text = render_terminal([example(), example(target=0)], color=False, top=0)
     assert "\x1b" not in text
     assert text.splitlines() == [
-        "relevance: relevance sum +1.35",
+        "relevance sum +1.35",
         "  [CLS][+0.00] a[+0.03] wonderful[+1.00] dull[-0.50] day[+0.15] [SEP][+0.00]",
         "class 0: relevance sum +1.35",
         "  [CLS][+0.00] a[+0.03] wonderful[+1.00] dull[-0.50] day[+0.15] [SEP][+0.00]",
