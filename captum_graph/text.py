@@ -26,7 +26,7 @@ import html
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -234,44 +234,60 @@ def explain_texts(
 ) -> List[TokenRelevance]:
     """Tokenise ``texts``, explain the model's logit of ``target`` per token.
 
-    The texts are padded to one batch with an attention mask (padding gets no
-    relevance and is left out of the results). The model is explained at its
-    input embeddings through :class:`LogitsFromEmbeddings`.
+    Texts of the same number of tokens are explained together, one batch per
+    length, so no text is padded: padding through ``inputs_embeds`` is not
+    seen by every model (a decoder's sequence classifier reads its logit at
+    the last position, padded or not). The model is explained at its input
+    embeddings through :class:`LogitsFromEmbeddings`.
 
     Args:
         model: a text classifier taking ``inputs_embeds`` (any Hugging Face
             ``...ForSequenceClassification``), in eval mode.
         tokenizer: its tokenizer.
-        texts: the texts.
+        texts: the texts, in the order of the results.
         target: the class to explain, one or one per text; ``None``: the predicted class.
         method: ``"lrp"`` (captum_graph's LRP) or ``"ixg"`` (Captum's InputXGradient).
         preset: the LRP rule preset (``None``: the default rules).
 
     Raises:
-        ValueError: an unknown method, or a model whose logits are not ``(batch, classes)``.
+        ValueError: an unknown method, a target out of range, or a model whose
+            logits are not ``(batch, classes)``.
     """
     if method not in TEXT_METHODS:
         raise ValueError(f"unknown method {method!r} for text; choose from {', '.join(TEXT_METHODS)}")
-    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    targets = _per_text(target, len(texts), "target")
+    token_ids = [tokenizer(text, return_tensors="pt")["input_ids"][0] for text in texts]
+    by_length: Dict[int, List[int]] = {}
+    for index, ids in enumerate(token_ids):
+        by_length.setdefault(len(ids), []).append(index)
     wrapper = LogitsFromEmbeddings(model)
-    with torch.no_grad():
-        embeddings = model.get_input_embeddings()(input_ids)
-        logits = wrapper(embeddings, attention_mask)
+    explainer = _text_explainer(wrapper, method, preset)
+    results: List[Optional[TokenRelevance]] = [None] * len(texts)
+    for indices in by_length.values():
+        input_ids = torch.stack([token_ids[i] for i in indices])
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings()(input_ids)
+            logits = wrapper(embeddings)
+        chosen = _checked_targets([targets[i] for i in indices], logits)
+        relevance = explainer.attribute(embeddings.requires_grad_(), target=chosen).detach()
+        for i, result in zip(indices, token_relevance(relevance, input_ids, tokenizer, target=chosen, logits=logits)):
+            results[i] = result
+    return results
+
+
+def _checked_targets(targets: List[Optional[int]], logits: Tensor) -> Tensor:
+    """The targets as a tensor, the predicted class where a target is ``None``; raises if one is out of range."""
     if logits.dim() != 2:
         raise ValueError(
             f"the model's logits are {tuple(logits.shape)}; explaining text needs (batch, classes) logits "
             "(a sequence classifier)"
         )
-    targets = logits.argmax(1) if target is None else torch.tensor(_per_text(target, len(texts), "target"))
     classes = logits.shape[1]
-    if not all(0 <= t < classes for t in targets.tolist()):
-        raise ValueError(f"target {target} is out of range: the model has {classes} outputs (0..{classes - 1})")
-    explainer = _text_explainer(wrapper, method, preset)
-    relevance = explainer.attribute(
-        embeddings.requires_grad_(), target=targets, additional_forward_args=(attention_mask,)
-    ).detach()
-    return token_relevance(relevance, input_ids, tokenizer, attention_mask, targets, logits)
+    chosen = [int(logits[k].argmax()) if t is None else t for k, t in enumerate(targets)]
+    for value in chosen:
+        if not 0 <= value < classes:
+            raise ValueError(f"target {value} is out of range: the model has {classes} outputs (0..{classes - 1})")
+    return torch.tensor(chosen)
 
 
 def _text_explainer(wrapper: nn.Module, method: str, preset: Optional[str]) -> Any:

@@ -2,10 +2,10 @@
 
 A sentence is of class 1 exactly when a trigger word appears in it, so a
 faithful explanation of class 1 puts its relevance on the triggers. Figures
-(seed 0, 100 positive test sentences; trigger words are about 14 % of their
-tokens): LRP's most relevant token is a trigger in all of them, and the
-triggers carry 80-95 % of the absolute relevance (over seeds 0-2). The test
-thresholds are 95 % and 60 %.
+(seed 0, about 100 positive test sentences of 12 words; trigger words are
+about 11 % of their tokens): LRP's most relevant token is a trigger in all of
+them, and the triggers carry 80-96 % of the absolute relevance (over seeds
+0-2, sentences of 6-14 words). The test thresholds are 95 % and 60 %.
 """
 import pytest
 import torch
@@ -67,7 +67,7 @@ def test_training_leaves_the_global_random_state_alone():
 
 
 def test_lrp_relevance_lands_on_the_triggers(trained, assert_untouched):
-    task = TriggerTask()
+    task = TriggerTask(min_words=12, max_words=12)  # one length: explain_texts makes one batch, one graph
     texts, labels = task.sample(200, seed=12345)
     positives = [text for text, label in zip(texts, labels.tolist()) if label == 1]
     with assert_untouched(trained.model):
