@@ -212,3 +212,26 @@ def test_explain_texts_refuses_bad_arguments(tiny_bert, kwargs, message):
     model, tokenizer = tiny_bert
     with pytest.raises(ValueError, match=message):
         explain_texts(model, tokenizer, ["the cat"], **kwargs)
+
+
+def test_explain_texts_pads_nothing_so_a_decoder_classifier_explains_its_own_logit():
+    # Given inputs_embeds, a decoder's sequence classifier reads its logit at the last position, padded or not:
+    # texts of different lengths must not share a padded batch. LLaMA has no additive constants (no biases,
+    # rotary positions), so the relevance sums to the logit that input_ids give.
+    transformers = pytest.importorskip("transformers")
+    from captum_graph.synthetic_text import TriggerTask
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(TriggerTask().vocabulary), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, num_labels=2, pad_token_id=0,
+    )
+    model = transformers.LlamaForSequenceClassification(config).double().eval()
+    tokenizer = TriggerTask().tokenizer()
+    texts = ["the cat", "a wonderful small dog", "the dog"]
+    results = explain_texts(model, tokenizer, texts, target=1)
+    for text, result in zip(texts, results):
+        with torch.no_grad():
+            logit = float(model(**tokenizer([text], return_tensors="pt")).logits[0, 1])
+        assert result.tokens == ("[CLS]", *text.split(), "[SEP]")
+        assert abs(result.total - logit) <= 1e-6 * abs(logit), (text, result.total, logit)
