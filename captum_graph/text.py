@@ -128,6 +128,11 @@ class LogitsFromEmbeddings(nn.Module):
     forward accepts ``inputs_embeds`` and returns ``(batch, classes)`` logits
     (sequence classification).
 
+    Padding: an encoder (BERT) honours the mask, but a decoder's sequence
+    classifier (LLaMA, GPT-2, Qwen2, ...) given ``inputs_embeds`` reads its
+    logit at the last position, padded or not. For those, batch texts of one
+    length, as :func:`explain_texts` does.
+
     Args:
         model: the text model; it is called, never modified.
     """
