@@ -1,5 +1,9 @@
 """The ``captum-graph`` command line: ``demo``, ``inspect``, ``explain``, ``attribute`` and ``evaluate``.
 
+``explain`` takes images (torchvision, timm and file models) or, with
+``--text``, texts for a Hugging Face text classifier saved in a local folder
+(``hf:PATH``), printed per token in the terminal.
+
 Bad input (a missing image, an unknown model, weights that do not fit, ...)
 ends with one line on stderr, ``captum-graph: error: ...``, and exit code 2;
 ``inspect`` exits with 1 when the model has operations without an LRP rule.
@@ -17,13 +21,16 @@ from torch import Tensor, nn
 
 from .errors import CaptumGraphError
 
-__all__ = ["main", "load_model", "load_weights", "UsageError"]
+__all__ = ["main", "load_model", "load_hf", "load_weights", "UsageError"]
 
 METHODS = ("lrp", "gradcam", "ixg")
 METHOD_TITLES = {"lrp": "LRP", "gradcam": "Grad-CAM", "ixg": "Input × Gradient"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODEL_HELP = "torchvision:NAME, timm:NAME or path/to/file.py:factory"
+MODEL_HELP = "torchvision:NAME, timm:NAME, path/to/file.py:factory or hf:FOLDER"
+HF_PREFIX = "hf:"
+#: Files of which a save_pretrained tokenizer folder has at least one.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 class UsageError(Exception):
@@ -34,14 +41,19 @@ class UsageError(Exception):
 # models and weights
 # ---------------------------------------------------------------------------
 def load_model(spec: str, num_classes: Optional[int] = None) -> nn.Module:
-    """Build a model, in eval mode, from ``torchvision:NAME``, ``timm:NAME`` or ``path/to/file.py:factory``.
+    """Build a model, in eval mode, from ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory`` or ``hf:FOLDER``.
 
     torchvision and timm models are built without pretrained weights.
-    ``num_classes`` is passed on to the builder when given.
+    ``num_classes`` is passed on to the builder when given. ``hf:FOLDER``
+    loads a Hugging Face model saved there (:func:`load_hf` gives its tokenizer too).
 
     Raises:
         UsageError: an unknown model, a missing file or factory, or a factory that fails.
     """
+    if spec.startswith(HF_PREFIX):
+        if num_classes is not None:
+            raise UsageError("--num-classes is for image models; an hf: folder holds its own configuration")
+        return load_hf(spec[len(HF_PREFIX) :])[0]
     kind, _, name = spec.rpartition(":")
     if not kind or not name:
         raise UsageError(f"model must look like {MODEL_HELP}, got {spec!r}")
@@ -90,6 +102,48 @@ def _model_from_file(path: str, factory: str, kwargs: Dict[str, Any]) -> nn.Modu
     if not isinstance(model, nn.Module):
         raise UsageError(f"{path}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
+
+
+def load_hf(folder: str) -> Tuple[nn.Module, Any]:
+    """A Hugging Face model (eval mode) and its tokenizer from a local ``save_pretrained`` folder.
+
+    Nothing is downloaded. The model class is the one named in the folder's
+    ``config.json`` (``architectures``), else ``AutoModelForSequenceClassification``.
+
+    Raises:
+        UsageError: transformers is missing, or the folder holds no model or no tokenizer.
+    """
+    if not os.path.isdir(folder):
+        raise UsageError(f"hf: model folder not found: {folder}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError(f"{folder} has no config.json: save the model there with model.save_pretrained({folder!r})")
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError as error:
+        raise UsageError("hf: models need transformers: pip install 'captum_graph[text]'") from error
+    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would end up among our messages
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        named = [getattr(transformers, name, None) for name in (config.architectures or [])]
+        model_class = next((c for c in named if c is not None), transformers.AutoModelForSequenceClassification)
+        model = model_class.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for folders it cannot read
+        raise UsageError(f"cannot load a model from {folder}: {type(error).__name__}: {_first_line(error)}") from error
+    finally:
+        if progress_bars:
+            transformers.utils.logging.enable_progress_bar()
+    # Without these files transformers 5 builds an empty tokenizer that reads every word as unknown.
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise UsageError(f"{folder} holds no tokenizer: save it there with tokenizer.save_pretrained({folder!r})")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:
+        raise UsageError(
+            f"cannot load a tokenizer from {folder} ({type(error).__name__}: {_first_line(error)[:120]}); "
+            f"save it there with tokenizer.save_pretrained({folder!r})"
+        ) from error
+    return model.eval(), tokenizer
 
 
 def load_weights(model: nn.Module, path: str) -> nn.Module:
@@ -163,10 +217,16 @@ def _first_line(error: BaseException) -> str:
 def _inspect(args: argparse.Namespace) -> int:
     from .report import format_report, model_report
 
-    model = load_model(args.model)
-    if args.weights:
-        load_weights(model, args.weights)
-    report = model_report(model, preset=args.preset)
+    if args.model.startswith(HF_PREFIX):
+        if args.weights:
+            raise UsageError("--weights is for image models; an hf: folder holds its own weights")
+        model, inputs = _text_model_at_example(args.model[len(HF_PREFIX) :])
+        report = model_report(model, preset=args.preset, inputs=inputs)
+    else:
+        model = load_model(args.model)
+        if args.weights:
+            load_weights(model, args.weights)
+        report = model_report(model, preset=args.preset)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -320,6 +380,12 @@ def _title(method: str, explainer: Any, preset: Optional[str], target: int) -> s
 def _explain(args: argparse.Namespace) -> int:
     from . import viz
 
+    if args.text is not None:
+        return _explain_text(args)
+    if args.out is None:  # only images need it; text is printed
+        args.parser.error("the following arguments are required: --out")
+    if args.model.startswith(HF_PREFIX):
+        raise UsageError("hf: models are explained with --text; images take torchvision:NAME, timm:NAME or file.py:factory")
     methods = _methods(args.method)
     requested = _target(args.target)
     _check_preprocessing(args)
@@ -561,6 +627,99 @@ def _evaluate_folder(args: argparse.Namespace) -> int:
     files = _image_folder(args.data or metadata["data"], metadata["size"], metadata["mean"], metadata["std"])
     with process_group(None if args.device == "auto" else args.device) as info:
         _evaluate_run(args, files, metadata, info.device, info.rank)
+
+
+# ---------------------------------------------------------------------------
+# explain --text
+# ---------------------------------------------------------------------------
+def _text_model_at_example(folder: str) -> Tuple[nn.Module, Tuple[Tensor, ...]]:
+    """The hf: model wrapped to take embeddings, and the embeddings of one example text to capture it at."""
+    from .text import LogitsFromEmbeddings
+
+    model, tokenizer = load_hf(folder)
+    _require_inputs_embeds(model)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(tokenizer(["an example"], return_tensors="pt")["input_ids"])
+    return LogitsFromEmbeddings(model), (embeddings,)
+
+
+def _require_inputs_embeds(model: nn.Module) -> None:
+    import inspect
+
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        raise UsageError(
+            f"{type(model).__name__} takes no inputs_embeds: --text explains text models "
+            "(a ...ForSequenceClassification saved with save_pretrained)"
+        )
+
+
+def _text_methods(values: Optional[List[str]]) -> List[str]:
+    from .text import TEXT_METHODS
+
+    methods = _methods(values)
+    for method in methods:
+        if method not in TEXT_METHODS:
+            raise UsageError(f"{method} explains images; for --text choose from {', '.join(TEXT_METHODS)}")
+    return methods
+
+
+def _class_names(model: nn.Module) -> str:
+    """``0 = negative, 1 = positive`` from the model's config, or '' when it has only the default LABEL_i names."""
+    names = getattr(getattr(model, "config", None), "id2label", None) or {}
+    named = {int(i): name for i, name in names.items() if name != f"LABEL_{i}"}
+    return ", ".join(f"{i} = {named[i]}" for i in sorted(named))
+
+
+def _explain_text(args: argparse.Namespace) -> int:
+    from .text import explain_texts, html_page, render_terminal, require_ipython, terminal_legend
+
+    methods = _text_methods(args.method)
+    requested = _target(args.target)
+    if not args.model.startswith(HF_PREFIX):
+        raise UsageError("--text needs a Hugging Face model saved with save_pretrained: hf:FOLDER (model and tokenizer)")
+    if args.weights or args.num_classes is not None or args.layer:
+        raise UsageError("--weights, --num-classes and --layer are for image models; an hf: folder holds its own weights")
+    if not all(text.strip() for text in args.text):
+        raise UsageError("--text got an empty text")
+    if args.top < 0:
+        raise UsageError(f"--top must be 0 or more, got {args.top}")
+    out = None
+    if args.out is not None:
+        require_ipython()
+        out = _output_dir(args.out)
+    model, tokenizer = load_hf(args.model[len(HF_PREFIX) :])
+    _require_inputs_embeds(model)
+    longest = max(len(ids) for ids in tokenizer(args.text)["input_ids"])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise UsageError(f"a text has {longest} tokens; the model takes at most {limit} (its max_position_embeddings)")
+    try:
+        with torch.no_grad():
+            model(**tokenizer(args.text, padding=True, return_tensors="pt"))
+    except Exception as error:  # e.g. a text longer than the model's position embeddings
+        raise UsageError(f"the model failed on the texts: {type(error).__name__}: {_first_line(error)}") from error
+    classes = _class_names(model)
+    if classes:
+        print(f"classes: {classes}")
+    written = []
+    for method in methods:
+        results = explain_texts(model, tokenizer, args.text, target=requested, method=method, preset=args.preset)
+        title = f"LRP ({args.preset})" if method == "lrp" and args.preset else METHOD_TITLES[method]
+        for number, (text, result) in enumerate(zip(args.text, results), start=1):
+            print(f"\n[{title}] text {number}: {text}")
+            print(render_terminal(result, top=args.top, legend=False))
+        if out is not None:
+            path = os.path.join(out, f"text_{method}.html")
+            with open(path, "w", encoding="utf-8") as page:
+                page.write(html_page(results, title=f"{title}: relevance per token"))
+            written.append(path)
+    legend = terminal_legend()
+    if legend:
+        print(f"\n{legend}")
+    if written:
+        print(f"\nWrote {len(written)} HTML {'page' if len(written) == 1 else 'pages'} to {out}/")
+        for path in written:
+            print(f"  {path}")
     return 0
 
 
@@ -581,6 +740,8 @@ _EPILOG = """examples:
   captum-graph inspect torchvision:resnet50           what captum_graph does with a model
   captum-graph explain torchvision:resnet18 --weights resnet18.pth \\
       --image cat.jpg dog.png --method lrp,gradcam --out heatmaps/
+  captum-graph explain hf:my_classifier/ --text "a wonderful day" --target 1
+                                                      relevance per token of a save_pretrained folder
   torchrun --nproc-per-node 4 -m captum_graph attribute torchvision:resnet50 \\
       --data images/ --method lrp,gradcam --out attributions/ --evaluate
 """
@@ -648,26 +809,33 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser(
         "explain",
-        help="write heatmap overlays of images explained by LRP, Grad-CAM or InputXGradient",
-        description="Load images, preprocess them (resize the short side, centre-crop, normalise), run the model and "
-        "write one PNG per image and method, IMAGE_METHOD.png: the image next to the heatmap laid over it.",
+        help="explain images (heatmap overlays) or texts (relevance per token) with LRP, Grad-CAM or InputXGradient",
+        description="Images: load them, preprocess them (resize the short side, centre-crop, normalise), run the model "
+        "and write one PNG per image and method, IMAGE_METHOD.png: the image next to the heatmap laid over it. "
+        "Texts (--text, with an hf:FOLDER model saved by save_pretrained with its tokenizer): print the relevance of "
+        "every token, coloured on a terminal (red for the class, blue against), and with --out write "
+        "text_METHOD.html, Captum's visualize_text table.",
     )
     explain.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (torchvision and timm models are built without weights)")
     explain.add_argument("--weights", metavar="FILE", help="state_dict to load (torch.load with weights_only=True)")
     explain.add_argument("--num-classes", type=int, default=None, metavar="N", help="build the model with N outputs, to fit --weights")
     what = explain.add_argument_group("what to explain")
-    what.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH", help="image files (repeatable)")
+    inputs = what.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", nargs="+", action="extend", metavar="PATH", help="image files (repeatable)")
+    inputs.add_argument("--text", nargs="+", action="extend", metavar="TEXT", help="texts, quoted (repeatable); needs an hf:FOLDER model")
     what.add_argument(
         "--method", action="append", metavar="METHOD",
-        help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp)",
+        help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp; text: lrp or ixg)",
     )
     what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
     what.add_argument("--preset", default=None, help="LRP rule preset: epsilon (default), epsilon-plus-flat, epsilon-gamma-box")
     what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
     _add_preprocessing_options(explain.add_argument_group("preprocessing"))
     output = explain.add_argument_group("output")
-    output.add_argument("--out", required=True, metavar="DIR", help="output directory, created if needed")
-    explain.set_defaults(run=_explain)
+    output.add_argument("--out", metavar="DIR", help="output directory, created if needed (required for images; "
+                        "with --text, where the HTML pages go)")
+    output.add_argument("--top", type=int, default=3, metavar="K", help="with --text: list the K most relevant tokens of each text (default: 3)")
+    explain.set_defaults(run=_explain, parser=explain)
 
     attribute = commands.add_parser(
         "attribute",
