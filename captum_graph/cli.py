@@ -627,6 +627,7 @@ def _evaluate_folder(args: argparse.Namespace) -> int:
     files = _image_folder(args.data or metadata["data"], metadata["size"], metadata["mean"], metadata["std"])
     with process_group(None if args.device == "auto" else args.device) as info:
         _evaluate_run(args, files, metadata, info.device, info.rank)
+    return 0
 
 
 # ---------------------------------------------------------------------------
