@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Pixel flipping is shared with dataset-scale evaluation; the names stay importable from here.
+from .perturbation import aopc, pixel_flipping, random_pixel_flipping
+
 __all__ = [
     "DigitsNet",
     "DigitsData",
@@ -371,61 +374,6 @@ def exact_conservation_check(model: nn.Module, images: Tensor, targets: Tensor) 
         sums["captum"] = theirs
     scale = logits.abs().clamp(min=1e-12)
     return {key: ((r.flatten(1).sum(1) - logits).abs() / scale).max().item() for key, r in sums.items()}
-
-
-@torch.no_grad()
-def pixel_flipping(
-    model: nn.Module, images: Tensor, targets: Tensor, ranking: Tensor, step: int = 4, baseline: float = 0.0
-) -> Tensor:
-    """Deletion curve: the target logit as pixels are set to ``baseline``, highest ``ranking`` first.
-
-    ``step`` pixels are deleted between two points of the curve; channels are
-    summed for the ranking and deleted together. Ties keep the pixel order.
-
-    Args:
-        model: the classifier (its mode is left as it is).
-        images: ``(N, C, H, W)``.
-        targets: ``(N,)`` the classes whose logits are tracked.
-        ranking: ``(N, C, H, W)`` or ``(N, 1, H, W)``, e.g. an attribution.
-        step: pixels deleted per point.
-        baseline: the value a deleted pixel gets (0: the digits' background).
-
-    Returns:
-        ``(N, K + 1)``: the logit after deleting 0, step, 2 step, ..., all pixels.
-    """
-    n, channels, height, width = images.shape
-    pixels = height * width
-    counts = torch.arange(0, pixels + step, step).clamp(max=pixels)
-    order = ranking.sum(1).reshape(n, pixels).sort(dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(pixels).expand(n, pixels))
-    deleted = rank[:, None, :] < counts[None, :, None]  # (N, points, pixels)
-    flat = images.reshape(n, 1, channels, pixels)
-    perturbed = torch.where(deleted[:, :, None, :], torch.full_like(flat, baseline), flat)
-    batch = perturbed.reshape(n * len(counts), channels, height, width)
-    logits = torch.cat([model(chunk) for chunk in batch.split(1024)])
-    points = len(counts)
-    return logits.reshape(n, points, -1).gather(2, targets[:, None, None].expand(n, points, 1)).squeeze(2)
-
-
-def random_pixel_flipping(
-    model: nn.Module, images: Tensor, targets: Tensor, repeats: int = 4, seed: int = 0, step: int = 4, baseline: float = 0.0
-) -> Tensor:
-    """:func:`pixel_flipping` in random order, averaged over ``repeats`` orders: the baseline."""
-    generator = torch.Generator().manual_seed(seed)
-    n, _, height, width = images.shape
-    curves = [
-        pixel_flipping(model, images, targets, torch.rand(n, 1, height, width, generator=generator), step, baseline)
-        for _ in range(repeats)
-    ]
-    return torch.stack(curves).mean(0)
-
-
-def aopc(curves: Tensor) -> float:
-    """Area over the perturbation curve (Samek et al., 2017): mean over steps and examples of f(x) - f(x_k).
-
-    Higher is better: the deleted pixels mattered to the model.
-    """
-    return (curves[:, :1] - curves).mean().item()
 
 
 # ---------------------------------------------------------------------------
