@@ -222,8 +222,11 @@ def _upsampled(maps: Tensor, images: Tensor) -> Tensor:
     return F.interpolate(maps.detach().double(), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def _zennit_methods(model: nn.Module, input_range: Tuple[float, float]) -> Dict[str, Explain]:
-    """zennit's composites equal to captum_graph's presets, with batch norms merged (its canonizer)."""
+def _zennit_methods(model: nn.Module, input_range: Tuple[float, float], per_channel: bool = False) -> Dict[str, Explain]:
+    """zennit's composites equal to captum_graph's presets, with batch norms merged (its canonizer).
+
+    The maps are summed over channels, or returned as they are with ``per_channel``.
+    """
     try:
         from zennit import composites
         from zennit.attribution import Gradient
@@ -239,9 +242,11 @@ def _zennit_methods(model: nn.Module, input_range: Tuple[float, float]) -> Dict[
                 composite = kind(low=input_range[0], high=input_range[1], canonizers=canonizers)
             else:
                 composite = kind(canonizers=canonizers)
+            with torch.no_grad():
+                classes = model(x[:1]).shape[1]
             with Gradient(model=model, composite=composite) as attributor:
-                output, relevance = attributor(x.detach(), torch.eye(model.head.out_features)[t])
-            return relevance.detach().sum(1)
+                _, relevance = attributor(x.detach(), torch.eye(classes)[t])
+            return relevance.detach() if per_channel else relevance.detach().sum(1)
 
         return explain
 
@@ -262,6 +267,66 @@ def _pytorch_grad_cam(model: nn.Module, cam) -> Optional[Explain]:
         return torch.as_tensor(maps, dtype=torch.float64)
 
     return explain
+
+
+# ---------------------------------------------------------------------------
+# text: trigger words decide the class
+# ---------------------------------------------------------------------------
+def text_task(quick: bool, seed: int = 0) -> Task:
+    """Sentences of 12 filler words, class 1 iff a trigger word appears; the evidence is the triggers.
+
+    The classifier is captum_graph's tiny trained BERT (:mod:`captum_graph.synthetic_text`),
+    explained at its word embeddings; all sentences have one length, so none is padded.
+    A deleted token's embedding becomes that of ``[UNK]``.
+    """
+    from captum_graph.synthetic_text import TriggerTask, train_trigger_classifier
+    from captum_graph.text import LogitsFromEmbeddings
+
+    task = TriggerTask(min_words=12, max_words=12)
+    trained = train_trigger_classifier(task, seed=seed, steps=150 if quick else 300)
+    print(f"text: test accuracy {trained.accuracy:.1%}, trained in {trained.seconds:.0f} s", flush=True)
+    texts, labels = task.sample(400, seed=seed + 1)
+    ids = trained.tokenizer(texts, return_tensors="pt")["input_ids"]
+    embedding = trained.model.get_input_embeddings()
+    model = LogitsFromEmbeddings(trained.model).eval()
+    with torch.no_grad():
+        inputs = embedding(ids)
+        predicted = model(inputs).argmax(1)
+    chosen = ((predicted == labels) & (labels == 1)).nonzero().flatten()[: 48 if quick else 150]
+    tokens = [trained.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids[chosen]]
+    evidence = torch.stack([task.is_trigger(row) for row in tokens])
+    unknown = embedding.weight[trained.tokenizer.convert_tokens_to_ids("[UNK]")].detach()
+
+    def delete(embeddings: Tensor, mask: Tensor) -> Tensor:
+        return torch.where(mask[..., None], unknown.expand_as(embeddings), embeddings)
+
+    inputs = inputs[chosen]
+    return Task("text", model, inputs, predicted[chosen], evidence, delete, text_methods(model, unknown))
+
+
+def text_methods(model: nn.Module, unknown: Tensor) -> Dict[str, Explain]:
+    """Every method that explains a text classifier at its embeddings, each returning ``(N, T)``."""
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    from captum_graph.attr import LRP, LayerGradCam
+
+    methods: Dict[str, Explain] = {}
+    for name in PRESETS:
+        methods[f"lrp:{name}"] = _token_sum(_gradient_method(LRP(model, preset=_preset(name, (-1.0, 1.0)))))
+    methods["input_x_gradient"] = _token_sum(_gradient_method(InputXGradient(model)))
+    integrated = IntegratedGradients(model)
+    methods["integrated_gradients"] = _token_sum(
+        lambda x, t: integrated.attribute(x, baselines=unknown.expand_as(x), target=t, n_steps=32).detach()
+    )
+    cam = LayerGradCam(model)
+    methods["gradcam"] = lambda x, t: cam.attribute(x, target=t, relu_attributions=True).detach().reshape(x.shape[0], -1)
+    methods.update({name: _token_sum(explain) for name, explain in _zennit_methods(model, (-1.0, 1.0), per_channel=True).items()})
+    methods["random"] = lambda x, t: torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(0))
+    return methods
+
+
+def _token_sum(explain: Explain) -> Explain:
+    return lambda x, t: explain(x, t).sum(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results: List[Result] = []
-    builders = {"images": image_task}
+    builders = {"images": image_task, "text": text_task}
     with single_thread():
         for name in args.tasks:
             if name not in builders:
