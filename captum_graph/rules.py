@@ -85,6 +85,7 @@ class ExplicitRule(PropagationRule):
         pass
 
     def relevance(self, module: nn.Module, inputs: Tuple[Tensor, ...], relevance: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """The relevance of each of ``inputs`` (``None`` for those that carry none) given the output's ``relevance``."""
         raise NotImplementedError
 
     def _ratio(self, relevance: Tensor, z: Tensor) -> Tensor:
@@ -284,6 +285,9 @@ class Preset:
     linear: Optional[Callable[[], PropagationRule]]
 
 
+#: The rule presets by name: ``LRP(model, preset="epsilon-plus-flat")``. They follow zennit's
+#: composites of the same names (Kohlbrenner et al. 2020, "Towards best practice in explaining
+#: neural network decisions with LRP").
 PRESETS: Dict[str, Preset] = {
     "epsilon": Preset("epsilon", None, None, None),
     "epsilon-plus-flat": Preset("epsilon-plus-flat", FlatRule, ZPlusRule, lambda: EpsilonRule(1e-6)),
@@ -310,6 +314,7 @@ class RuleAssignment:
 
     @property
     def rule_name(self) -> str:
+        """The rule's class name, with epsilon for an ``EpsilonRule`` (``"EpsilonRule(1e-09)"``); ``"-"`` for none."""
         if self.rule is None:
             return "-"
         name = type(self.rule).__name__
