@@ -70,8 +70,9 @@ def test_the_readme_and_tutorial_imports_are_public_modules():
 
 
 def test_imported_modules_reads_every_form_of_import():
-    text = "from captum_graph import viz\nfrom captum_graph.attr import LRP\nimport captum_graph.report\nfrom captum_graph._x import y"
-    assert api.imported_modules([text]) == ["captum_graph", "captum_graph.viz", "captum_graph.attr", "captum_graph.report"]
+    text = "from captum_graph import viz\nfrom captum_graph.attr import LRP\nimport captum_graph.report\nfrom captum_graph._x import y\nfrom captum_graph import (\n    filters,\n)"
+    expected = ["captum_graph", "captum_graph.viz", "captum_graph.attr", "captum_graph.report", "captum_graph.filters"]
+    assert api.imported_modules([text]) == expected
 
 
 def test_references_resolve_importable_objects_only():
@@ -86,7 +87,7 @@ def test_readme_sections_are_found_with_their_links_rewritten():
     sections = readme.sections(text)
     assert list(sections) == ["demo"]
     site = readme.for_site(sections["demo"])
-    assert "(/_generated/run/tutorials/01_a.ipynb)" in site and "run.py (`benchmarks/run.py#x`)" in site
+    assert "(/_generated/run/tutorials/01_a.ipynb)" in site and "run.py (`benchmarks/run.py`)" in site
 
 
 def test_cli_subcommands_are_found():

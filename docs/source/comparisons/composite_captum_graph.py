@@ -1,11 +1,15 @@
 import torch
-import torchvision
+from torchvision.models import resnet18
+
 from captum_graph.attr import LRP
 
-torch.manual_seed(0)  # the same random model and image in every snippet
-model = torchvision.models.resnet18(weights=None).eval()
+# same random model and image everywhere
+torch.manual_seed(0)
+model = resnet18(weights=None).eval()
 image = torch.randn(1, 3, 224, 224)
 
-# the same rules; batch norms merged as zennit's canonizer does, for any architecture
-lrp = LRP(model, preset="epsilon-plus-flat", fold_batch_norm=True)
+# the same rules; batch norms merged as
+# zennit's canonizer does, in any model
+lrp = LRP(model, preset="epsilon-plus-flat",
+          fold_batch_norm=True)
 relevance = lrp.attribute(image, target=3)

@@ -1,9 +1,12 @@
 import torch
-import torchvision
+from torchvision.models import resnet18
+
 from captum.attr import LRP
 
-torch.manual_seed(0)  # the same random model and image in every snippet
-model = torchvision.models.resnet18(weights=None).eval()
+# same random model and image everywhere
+torch.manual_seed(0)
+model = resnet18(weights=None).eval()
 image = torch.randn(1, 3, 224, 224)
 
-relevance = LRP(model).attribute(image, target=3)
+relevance = LRP(model).attribute(
+    image, target=3)

@@ -1,9 +1,13 @@
 import torch
-import torchvision
+from torchvision.models import vit_b_16
+
 from captum_graph.attr import LRP
 
-torch.manual_seed(0)  # the same random model and image in every snippet
-model = torchvision.models.vit_b_16(weights=None).eval()
+# same random model and image everywhere
+torch.manual_seed(0)
+model = vit_b_16(weights=None).eval()
 image = torch.randn(1, 3, 224, 224)
 
-relevance = LRP(model).attribute(image, target=3)  # nothing patched: the model's graph is rewritten
+# nothing patched: the graph is rewritten
+relevance = LRP(model).attribute(
+    image, target=3)

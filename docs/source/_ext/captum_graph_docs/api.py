@@ -27,7 +27,7 @@ from .files import write_if_changed
 logger = logging.getLogger(__name__)
 
 PACKAGE = "captum_graph"
-_IMPORT = re.compile(r"(?:from\s+(captum_graph(?:\.\w+)*)\s+import\s+([\w\s,()]+)|import\s+(captum_graph(?:\.\w+)*))")
+_IMPORT = re.compile(r"(?:from[ \t]+(captum_graph(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|[\w \t,]+)|import[ \t]+(captum_graph(?:\.\w+)*))")
 
 
 @dataclass(frozen=True)

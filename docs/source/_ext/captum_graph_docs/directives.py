@@ -39,7 +39,9 @@ class Example(SphinxDirective):
         output = result["stdout"]
         if result["exception"]:
             output += f"{result['exception']}: {result['message']}"
-        shown.append(_literal(output.rstrip() or "(no output)", "text", "Output" if "output-only" not in self.options else None))
+        block = _literal(output.rstrip() or "(no output)", "text", "Output" if "output-only" not in self.options else None)
+        block["classes"].append("example-output")
+        shown.append(block)
         return shown
 
 

@@ -21,10 +21,19 @@ def describe_rule(rule: Any) -> str:
         return "the default rule"
     parameters = []
     for attribute, shown in _PARAMETERS:
-        value = getattr(rule, attribute, None)
+        value = vars(rule).get(attribute)  # set by the constructor, not a class default
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parameters.append(f"{shown}={value:g}")
     return f"{_reference(type(rule))} `({', '.join(parameters)})`" if parameters else _reference(type(rule))
+
+
+def _type_name(cls: type) -> str:
+    """``nn.Conv2d``, ``modules.Softmax`` (captum_graph's), ``Addition_Module`` (Captum's)."""
+    if cls.__module__.startswith("torch.nn"):
+        return f"nn.{cls.__qualname__}"
+    if cls.__module__.startswith("captum_graph."):
+        return f"{cls.__module__.split('.', 1)[1]}.{cls.__qualname__}"
+    return cls.__qualname__
 
 
 def _instance(factory: Any) -> Any:
@@ -52,7 +61,7 @@ def defaults_table() -> str:
 
     lines = ["| module types | default rule |", "|---|---|"]
     for types, factory in _DEFAULT_RULES:
-        names = ", ".join(f"`{t.__name__}`" for t in types)
+        names = ", ".join(f"`{_type_name(t)}`" for t in types)
         lines.append(f"| {names} | {describe_rule(_instance(factory))} |")
     return "\n".join(lines) + "\n"
 
