@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "docs" / "source"
 sys.path.insert(0, str(SOURCE / "_ext"))
 
-from captum_graph_docs import api, cli, readme, references, runner  # noqa: E402
+from captum_graph_docs import api, cli, napoleon_attributes, readme, references, runner  # noqa: E402
 
 BUILD_TIMEOUT_S = 1200
 
@@ -80,6 +80,15 @@ def test_references_resolve_importable_objects_only():
     assert references.import_object("torch.nn.Module") is not references._NOT_FOUND
     assert references.import_object("int") is int
     assert references.import_object("captum_graph.tracing.trace") is references._NOT_FOUND  # a renamed function
+
+
+@pytest.mark.parametrize("text", ["int", "Optional[Tuple[str, nn.Module]]", "torch.Tensor", "str | None"])
+def test_types_before_a_colon_stay_types(text):
+    assert napoleon_attributes.looks_like_type(text)
+
+
+def test_a_sentence_before_a_colon_is_not_a_type():
+    assert not napoleon_attributes.looks_like_type("The qualified name")
 
 
 def test_readme_sections_are_found_with_their_links_rewritten():

@@ -8,7 +8,7 @@ from docutils.parsers.rst import directives
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
-from .runner import _EXPECT
+from .runner import EXPECT
 
 GENERATED_RUN = Path("_generated") / "run"
 
@@ -34,7 +34,7 @@ class Example(SphinxDirective):
         result = json.loads(result_path.read_text())
         shown = []
         if "output-only" not in self.options:
-            code = "\n".join(line for line in source.read_text().splitlines() if not line.startswith(_EXPECT)).strip()
+            code = "\n".join(line for line in source.read_text().splitlines() if not line.startswith(EXPECT)).strip()
             shown.append(_literal(code, "python", self.options.get("caption")))
         output = result["stdout"]
         if result["exception"]:

@@ -3,7 +3,7 @@
 captum_graph's docstrings often open with a sentence that has a colon in it
 ("The qualified name: module path plus operation"). Here the part before the
 colon counts as a type only if it looks like one (``int``, ``Optional[str]``,
-``torch.Tensor``): no spaces outside brackets. Otherwise the line is text.
+``torch.Tensor``, ``str | None``): no spaces outside brackets but around ``|``. Otherwise the line is text.
 """
 import re
 
@@ -15,7 +15,7 @@ _TYPE = re.compile(r"^[\w.|~`]+$")
 
 def looks_like_type(text: str) -> bool:
     """Whether ``text`` reads as a type annotation rather than words."""
-    text = text.strip()
+    text = re.sub(r"\s*\|\s*", "|", text.strip())
     while _BRACKETED.search(text):
         text = _BRACKETED.sub("", text)
     return bool(_TYPE.match(text))

@@ -102,8 +102,8 @@ def skip_foreign_members(app: Sphinx, what: str, name: str, obj: Any, skip: bool
 
 
 def drop_private_bases(app: Sphinx, name: str, obj: Any, options: Any, bases: list) -> None:
-    """``Bases:`` shows public classes only (not ``_GraphLRPMixin``)."""
-    bases[:] = [base for base in bases if not base.__name__.startswith("_")]
+    """``Bases:`` shows public classes only (not ``_GraphLRPMixin``, nor ``object``)."""
+    bases[:] = [base for base in bases if base is not object and not base.__name__.startswith("_")]
 
 
 def setup(app: Sphinx) -> None:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 VERSIONED = ("torch", "torchvision", "captum", "numpy", "matplotlib", "timm", "transformers", "zennit", "scikit-learn", "nbclient", "ipykernel")
 CELL_TIMEOUT_S = 300
-_EXPECT = "# expect:"
+EXPECT = "# expect:"
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ def fingerprint(repo: Path) -> str:
 def expected_exception(script: Path) -> Optional[str]:
     """The exception a script declares it ends with (``# expect: Name``), if any."""
     for line in script.read_text(encoding="utf-8").splitlines():
-        if line.startswith(_EXPECT):
-            return line[len(_EXPECT) :].strip()
+        if line.startswith(EXPECT):
+            return line[len(EXPECT) :].strip()
     return None
 
 
