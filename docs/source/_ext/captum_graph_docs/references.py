@@ -8,6 +8,7 @@ internal helper) is shown as code. A name that imports nothing (a typo, a
 renamed function) stays unresolved and fails the ``-W`` build.
 """
 import builtins
+import collections
 import importlib
 import sys
 from typing import Any, Iterable, List, Optional
@@ -54,7 +55,14 @@ def _candidates(target: str, module: Optional[str], cls: Optional[str]) -> Itera
 
 
 def _defined_in(obj: Any) -> Optional[str]:
+    """The module that defines a function, method, property or C method (``tuple.count``)."""
+    owner = getattr(obj, "__objclass__", None)
+    if owner is not None:
+        return owner.__module__
     return getattr(obj, "__module__", None) or getattr(getattr(obj, "fget", None), "__module__", None)
+
+
+_TUPLE_FIELD = type(collections.namedtuple("_Probe", "field").field)
 
 
 def resolve_missing(app: Sphinx, env: BuildEnvironment, node: nodes.Element, contnode: nodes.Element):
@@ -92,6 +100,8 @@ def skip_foreign_members(app: Sphinx, what: str, name: str, obj: Any, skip: bool
     """Hide members that torch or Captum define or document: their pages cover them."""
     if what != "class" or skip:
         return None
+    if isinstance(obj, _TUPLE_FIELD):  # "Alias for field number 0": the class's Attributes section says more
+        return True
     module = _defined_in(getattr(obj, "__func__", obj))
     if module is None:  # data attributes: keep what autodoc keeps
         return None
