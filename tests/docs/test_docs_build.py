@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "docs" / "source"
 sys.path.insert(0, str(SOURCE / "_ext"))
 
-from captum_graph_docs import api, cli, napoleon_attributes, readme, references, runner  # noqa: E402
+from captum_graph_docs import api, cli, napoleon_attributes, readme, references, rule_tables, runner  # noqa: E402
 
 BUILD_TIMEOUT_S = 1200
 
@@ -61,6 +61,20 @@ def _configured_modules():
 def test_every_public_name_has_a_docstring():
     missing = api.missing_docstrings(_public_names())
     assert not missing, f"public names without a docstring (add one; the site renders them): {missing}"
+
+
+@pytest.mark.parametrize("rule", rule_tables.rule_classes(), ids=lambda rule: rule.__name__)
+def test_every_rule_has_a_formula_and_a_paper(rule):
+    """The rules page shows each rule's formula and paper: its table, or the rule's docstring."""
+    doc = rule.__doc__ or ""
+    assert re.search(r"``[^`]*R[^`]*=[^`]*``", doc), f"{rule.__name__}'s docstring has no formula (``R_i = ...``)"
+    assert re.search(r"\b(19|20)\d\d\b|From no paper", doc), f"{rule.__name__}'s docstring cites no paper (Author et al. year)"
+
+
+def test_rules_missing_from_the_formula_table_are_listed_from_their_docstrings():
+    everything = rule_tables.other_rules_table("")
+    assert all(f"captum_graph.rules.{rule.__name__}`" in everything for rule in rule_tables.rule_classes())
+    assert rule_tables.other_rules_table(everything) == ""
 
 
 def test_the_readme_and_tutorial_imports_are_public_modules():

@@ -6,7 +6,8 @@ folder:
 * ``api/``: one page per public name, from each documented module's ``__all__``
   (:mod:`.api`);
 * ``cli.md``: the ``--help`` of the command line and of each subcommand (:mod:`.cli`);
-* ``rules/``: the tables of rule presets and default rules (:mod:`.rule_tables`);
+* ``rules/``: the tables of rule presets and default rules, and of the rules
+  the hand-written table of ``rules.md`` lacks (:mod:`.rule_tables`);
 * ``readme/``: sections of the README between ``<!-- name -->`` markers (:mod:`.readme`);
 * ``run/``: the tutorials executed, the FAQ's example scripts run (their output
   or error text), the figures drawn (:mod:`.runner`), cached by content so
@@ -36,7 +37,7 @@ def _generate(app: Sphinx) -> None:
     written = set()
     written |= api.write_pages(app, generated / "api")
     written |= cli.write_page(generated / "cli.md")
-    written |= rule_tables.write_tables(generated / "rules")
+    written |= rule_tables.write_tables(generated / "rules", source / "rules.md")
     written |= readme.write_sections(repo / "README.md", generated / "readme")
     written |= runner.run_all(app, repo, source, generated / "run")
     _remove_stale(generated, written)
