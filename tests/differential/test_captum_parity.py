@@ -762,3 +762,45 @@ def _gradient_x_call(model: nn.Module, module: nn.Module, call: int, inputs: Ten
         handle.remove()
     (grad,) = torch.autograd.grad(selected, outputs[call])
     return (outputs[call] * grad).detach()
+
+
+class _MaskedByExtraArguments(nn.Module):
+    """Products, divisions and sums with tensors passed as additional_forward_args."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor, mask: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+        hidden = torch.relu(self.fc1(x * mask) / scale + offset)
+        return self.fc2(hidden * mask[:, :1])
+
+
+def test_lrp_holds_additional_forward_args_constant():
+    """What is not explained is a constant: ``x * mask`` is a scaling of ``x``, so LRP-0 is Gradient x Input."""
+    torch.manual_seed(0)
+    model = _MaskedByExtraArguments().double().eval()
+    x = torch.randn(4, 5, dtype=D)
+    extra = ((torch.rand(4, 5, dtype=D) > 0.3).to(D), 1 + torch.rand(4, 6, dtype=D), torch.randn(4, 6, dtype=D))
+    ours = _ours(model, lambda: graph_attr.LRP(model, rules=NEGLIGIBLE_EPSILON).attribute(x, target=2, additional_forward_args=extra))
+    _assert_same(ours, input_x_gradient(model, x, 2, extra), "oracle 1", exact=False, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", sorted(
+    name for name, recipe in RECIPES.items()
+    if not recipe.graph and any(isinstance(m, nn.Conv2d) for m in _model(recipe).modules())
+))
+def test_automatic_gradcam_layer_equals_captum_on_the_module_it_names(model_name):
+    """The automatic layer (2-D feature maps; 1-D and 3-D ones raise LayerResolutionError, asking for a layer)."""
+    recipe = RECIPES[model_name]
+    model = _graph_model(model_name)
+    inputs, extras = _data(recipe)
+    target = _targets(_forward(model, inputs, extras[0]))[0][1]
+    cam = graph_attr.LayerGradCam(model)
+    ours = _ours(model, lambda: cam.attribute(inputs, target=target, additional_forward_args=extras[0]))
+    assert cam.layer_name in dict(model.named_modules()), f"{model_name}: automatic layer {cam.layer_name!r}"
+    reference = copy.deepcopy(model)
+    theirs = _run(lambda: captum_attr.LayerGradCam(reference, reference.get_submodule(cam.layer_name)).attribute(
+        inputs, target=target, additional_forward_args=extras[0]
+    ))
+    _assert_same(ours, theirs, f"{model_name} automatic Grad-CAM at {cam.layer_name!r}", exact=False)
