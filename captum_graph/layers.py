@@ -15,7 +15,9 @@ LayerSpec = Union[str, nn.Module]
 _CALL = "#"  # 'lin1#0': the first call of module lin1
 
 
-def named_modules_for(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec]]) -> Optional[List[Tuple[str, nn.Module]]]:
+def named_modules_for(
+    model: nn.Module, layers: Union[None, LayerSpec, Sequence[LayerSpec]]
+) -> Optional[List[Tuple[str, nn.Module]]]:
     """``(qualified name, module)`` for each layer, where every layer is a module of ``model`` or a module's name.
 
     ``None`` where one of them is not (a graph node name such as

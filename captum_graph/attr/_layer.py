@@ -213,7 +213,10 @@ def _tap_inputs(graph: fx.Graph, node: fx.Node, name: str) -> nn.Module:
         raise LayerResolutionError(f"layer '{node.meta.get('qualname', node.name)}' has no tensor input to attribute to")
     with graph.inserting_before(node):
         tap_node = graph.call_module(name, tuple(inputs))
-        outputs = [tap_node] if len(inputs) == 1 else [graph.call_function(operator.getitem, (tap_node, i)) for i in range(len(inputs))]
+        if len(inputs) == 1:
+            outputs = [tap_node]
+        else:
+            outputs = [graph.call_function(operator.getitem, (tap_node, i)) for i in range(len(inputs))]
     position = iter(range(len(inputs)))
 
     def replace(arg: fx.Node) -> fx.Node:
