@@ -120,6 +120,7 @@ def prepare(
     """
     model = _unwrap(model)
     args = tuple(default_example_inputs(model) if inputs is None else inputs)
+    explained = None if explained is None or explained >= len(args) else explained  # one cache entry when all are
     fingerprint = _fingerprint(model, values=fold_batch_norm)
     # A dynamic graph holds for batches of two and more (export's assumption), unless any batch will
     # do; a fixed-batch graph serves any_batch callers only where it was captured for them.
