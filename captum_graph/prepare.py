@@ -14,6 +14,7 @@ from .architecture import ModelArchitecture
 from .capture import capture
 from .cloning import private_copy
 from .passes import (
+    CONSTANT_INPUT,
     calls_to_modules,
     fold_batch_norms,
     functional_to_modules,
@@ -88,7 +89,11 @@ _CACHE_LOCK = threading.Lock()
 
 
 def prepare(
-    model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch_norm: bool = False, any_batch: bool = False
+    model: nn.Module,
+    inputs: Optional[Sequence[Any]] = None,
+    fold_batch_norm: bool = False,
+    any_batch: bool = False,
+    explained: Optional[int] = None,
 ) -> PreparedModel:
     """Capture ``model(*inputs)`` and run every rewrite pass; cached until the model changes.
 
@@ -98,7 +103,10 @@ def prepare(
     With ``fold_batch_norm``, eval-mode batch norms are also merged into the
     convolution or linear layer before them (:func:`fold_batch_norms`).
     ``any_batch``: the graph will also be run at other batch sizes (see
-    :func:`captum_graph.capture.capture`).
+    :func:`captum_graph.capture.capture`). ``explained``: only the first
+    this many arguments are explained (Captum's ``inputs``); LRP holds the
+    others constant (``additional_forward_args``: a division by one is a
+    scaling), ``None`` explains them all.
 
     The cache is keyed by the model and the inputs' signature (dtypes,
     devices, shapes but the batch size where the graph allows any, and the
@@ -112,12 +120,13 @@ def prepare(
     """
     model = _unwrap(model)
     args = tuple(default_example_inputs(model) if inputs is None else inputs)
+    explained = None if explained is None or explained >= len(args) else explained  # one cache entry when all are
     fingerprint = _fingerprint(model, values=fold_batch_norm)
     # A dynamic graph holds for batches of two and more (export's assumption), unless any batch will
     # do; a fixed-batch graph serves any_batch callers only where it was captured for them.
-    keys = [_signature(args, "fixed, for any batch" if any_batch else "fixed", fold_batch_norm)]
+    keys = [_signature(args, "fixed, for any batch" if any_batch else "fixed", fold_batch_norm, explained)]
     if any_batch or not _has_batch_of_one(args):
-        keys.insert(0, _signature(args, "dynamic", fold_batch_norm))
+        keys.insert(0, _signature(args, "dynamic", fold_batch_norm, explained))
     with _CACHE_LOCK:
         entries = _CACHE.setdefault(model, OrderedDict())
         for key in keys:
@@ -125,12 +134,12 @@ def prepare(
             if cached is not None and cached[0] == fingerprint:
                 entries.move_to_end(key)
                 return cached[1]
-    prepared = _prepare(model, args, fold_batch_norm, any_batch)
+    prepared = _prepare(model, args, fold_batch_norm, any_batch, explained)
     if not prepared.path_specific:
         with _CACHE_LOCK:
             entries = _CACHE.setdefault(model, OrderedDict())
             batch = "dynamic" if prepared.dynamic_batch else "fixed, for any batch" if any_batch else "fixed"
-            entries[_signature(args, batch, fold_batch_norm)] = (fingerprint, prepared)
+            entries[_signature(args, batch, fold_batch_norm, explained)] = (fingerprint, prepared)
             while len(entries) > CACHE_SIZE:
                 entries.popitem(last=False)
     return prepared
@@ -184,8 +193,8 @@ def _example_shape(model: nn.Module, module: nn.Module) -> Optional[Tuple[int, .
     return None
 
 
-def _signature(args: Sequence[Any], batch: str, fold_batch_norm: bool) -> tuple:
-    parts: List[Any] = [fold_batch_norm, batch]
+def _signature(args: Sequence[Any], batch: str, fold_batch_norm: bool, explained: Optional[int] = None) -> tuple:
+    parts: List[Any] = [fold_batch_norm, batch, explained]
     for arg in args:
         if isinstance(arg, Tensor):
             shape = tuple(arg.shape[1:]) if batch == "dynamic" and arg.dim() else tuple(arg.shape)
@@ -221,12 +230,16 @@ def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tupl
     ) + ((fold_batch_norms,) if fold_batch_norm else ())
 
 
-def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool, any_batch: bool) -> PreparedModel:
+def _prepare(
+    model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool, any_batch: bool, explained: Optional[int]
+) -> PreparedModel:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     user_modules = {id(module): module for module in model.modules()}
     copy = private_copy(model)
     gm = capture(copy, args, any_batch=any_batch)
     graph_module = gm.graph_module
+    for placeholder in graph_module.graph.find_nodes(op="placeholder")[len(args) if explained is None else explained :]:
+        placeholder.meta[CONSTANT_INPUT] = True
     for run_pass in rewrite_passes(copy, fold_batch_norm):
         run_pass(graph_module)
     copies = {name: module for name, module in copy.named_modules(remove_duplicate=False)}

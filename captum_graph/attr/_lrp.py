@@ -15,7 +15,7 @@ from ..engine import LayerCapture, relevance_hooks
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..prepare import PreparedModel, prepare
 from ._args import call_arguments
-from ..rules import Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems, validate_rules
+from ..rules import ConstantRule, Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems, validate_rules
 
 __all__ = ["LRP", "LayerLRP"]
 
@@ -40,9 +40,12 @@ class _GraphLRPMixin:
         """The rewritten graph of the model at these inputs (cached; rebuilt when the model changes).
 
         ``inputs=None`` takes an example image (see :func:`captum_graph.prepare`).
+        ``additional_forward_args`` are held constant: no relevance flows into them.
         """
-        args = None if inputs is None else call_arguments(inputs, additional_forward_args)
-        return prepare(self.model, args, self.fold_batch_norm)
+        if inputs is None:
+            return prepare(self.model, None, self.fold_batch_norm)
+        explained = len(_format_tensor_into_tuples(inputs))
+        return prepare(self.model, call_arguments(inputs, additional_forward_args), self.fold_batch_norm, explained=explained)
 
     def rule_report(self, inputs: Any = None, additional_forward_args: Any = None) -> List[RuleAssignment]:
         """Which rule each node gets and why at these inputs; unsupported nodes have ``problem`` set."""
@@ -77,11 +80,31 @@ class _GraphLRPMixin:
         try:
             with relevance_hooks(gm, assignments, captures), torch.enable_grad():
                 outputs = _run_forward(gm, inputs, target, additional_forward_args)
+                if not outputs.requires_grad:
+                    raise _no_relevance_path(self.model, inputs, assignments)
                 grads = torch.autograd.grad(torch.unbind(outputs), inputs, allow_unused=True)
         finally:
             undo_gradient_requirements(inputs, gradient_mask)
         grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
         return outputs.detach(), grads
+
+
+def _no_relevance_path(model: nn.Module, inputs: Tuple[Tensor, ...], assignments: List[RuleAssignment]) -> ValueError:
+    """The error for a target output that no relevance path links to a floating-point input."""
+    name = type(model).__name__
+    if not any(x.is_floating_point() for x in inputs):
+        kinds = ", ".join(sorted({str(x.dtype) for x in inputs}))
+        return ValueError(
+            f"LRP on {name}: no input is floating point ({kinds}), so none can carry relevance; "
+            "pass floating-point inputs (for token ids: the embeddings, as inputs of the rest of the model)"
+        )
+    constants = [a.qualname for a in assignments if isinstance(a.rule, ConstantRule)]
+    where = f" The nodes LRP holds constant: {', '.join(constants)}." if constants else ""
+    return ValueError(
+        f"LRP on {name}: no relevance path leads from the target output to the inputs: it is computed "
+        f"through operations whose output LRP holds constant (a softmax at the output) or does not "
+        f"depend on the inputs.{where} Explain the logits: the model without its final softmax."
+    )
 
 
 def _scaled(normalized: Tensor, output: Tensor) -> Tensor:
