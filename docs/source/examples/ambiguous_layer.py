@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from captum_graph.attr import LayerGradCam
+from captum_graph.attr import LayerLRP
 
 
 class SharedReLU(nn.Module):
@@ -18,4 +18,4 @@ class SharedReLU(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-LayerGradCam(SharedReLU().eval(), "relu").attribute(torch.randn(1, 3, 32, 32), target=3)
+LayerLRP(SharedReLU().eval(), "relu").attribute(torch.randn(1, 3, 32, 32), target=3)
