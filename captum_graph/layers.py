@@ -6,7 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import LayerResolutionError
-from .prepare import PreparedModel
+from .prepare import PreparedModel, unwrap_layer
 
 __all__ = ["resolve_layer", "check_layer_spec", "LayerSpec"]
 
@@ -19,12 +19,15 @@ def resolve_layer(model: nn.Module, prepared: PreparedModel, layer: LayerSpec) -
     A module or module name called at one place resolves to that call; a
     container resolves to its last node; a qualified node name
     (``'layer1.0.add'``, ``'layer1.0.relu_1'``) or fx node name (``'add_7'``)
-    to that node.
+    to that node. For a wrapped model (``torch.compile``, DataParallel)
+    names are those of the model inside, with or without the wrapper's prefix
+    (``'layer1'`` or ``'_orig_mod.layer1'``).
 
     Raises:
         LayerResolutionError: unknown names (with suggestions), modules not in
             the model, or a module called at several places (lists the nodes).
     """
+    model, layer = unwrap_layer(model, layer)
     if isinstance(layer, nn.Module):
         name = _module_name(model, layer)
         return _resolve_module(prepared, layer, name)
@@ -47,6 +50,7 @@ def resolve_layer(model: nn.Module, prepared: PreparedModel, layer: LayerSpec) -
 
 def check_layer_spec(model: nn.Module, layer: LayerSpec) -> None:
     """Raise for a layer that is neither a name nor a submodule of ``model`` (no graph needed)."""
+    model, layer = unwrap_layer(model, layer)
     if isinstance(layer, nn.Module):
         _module_name(model, layer)
     elif not isinstance(layer, str):

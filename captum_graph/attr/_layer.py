@@ -1,5 +1,6 @@
 """Captum's layer methods with layers given by name, by graph node, or chosen automatically."""
 import inspect
+import threading
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
@@ -15,7 +16,9 @@ from torch import nn
 
 from ..architecture import ModelArchitecture
 from ..capture import shape_check
+from ..cloning import borrowed
 from ..errors import LayerResolutionError
+from ..finite import check_finite_inputs
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..modules import GridToTokens, Tap, TokensToGrid
 from ..prepare import PreparedModel, prepare
@@ -51,14 +54,17 @@ def tapped_graph(
     # Captum's layer methods run the model at other batch sizes (steps, baselines): any batch must do
     prepared = prepare(model, None if inputs is None else call_arguments(inputs, additional_forward_args), any_batch=True)
     key = id(layer) if isinstance(layer, nn.Module) else layer
-    cached = _TAPPED.setdefault(prepared, {}).get(key)
-    if cached is None:
-        cached = _TAPPED[prepared][key] = _tapped(model, prepared, layer)
+    with _TAPPED_LOCK:
+        cached = _TAPPED.setdefault(prepared, {}).get(key)
+        if cached is None:
+            cached = _TAPPED[prepared][key] = _tapped(model, prepared, layer)
     return cached
 
 
 # Tapped graphs per prepared graph and layer: choosing the automatic layer runs the graph once.
+# They are templates: a call runs a private working copy of one (cloning.borrowed).
 _TAPPED: "weakref.WeakKeyDictionary[PreparedModel, Dict[Any, Tuple[fx.GraphModule, Tap, fx.Node]]]" = weakref.WeakKeyDictionary()
+_TAPPED_LOCK = threading.RLock()
 
 
 def _tapped(model: nn.Module, prepared: PreparedModel, layer: Optional[LayerSpec]) -> Tuple[fx.GraphModule, Tap, fx.Node]:
@@ -124,10 +130,12 @@ class _GraphLayerMixin:
         bound = inspect.signature(self._captum_class.attribute).bind(self, *args, **kwargs)
         inputs = bound.arguments["inputs"]
         additional = bound.arguments.get("additional_forward_args")
+        check_finite_inputs(call_arguments(inputs))
         gm, tap, node = tapped_graph(self.model_to_explain, self.layer_spec, inputs, additional)
         self.layer_name = node.meta.get("qualname", node.name)
-        delegate = self._captum_class(gm, tap, *self._init_args, **self._init_kwargs)
-        return delegate.attribute(*args, **kwargs)
+        with borrowed(gm) as working:  # Captum's hooks go on this call's own copy
+            delegate = self._captum_class(working, working.get_submodule(_TAP), *self._init_args, **self._init_kwargs)
+            return delegate.attribute(*args, **kwargs)
 
 
 def _graph_layer_class(captum_class: type, doc: str) -> type:
