@@ -22,7 +22,7 @@ from ..finite import check_finite_inputs
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..modules import GridToTokens, Tap, TokensToGrid
 from ..prepare import PreparedModel, prepare
-from ._args import call_arguments
+from ._args import call_arguments, input_aliases
 
 __all__ = [
     "LayerGradCam",
@@ -133,9 +133,10 @@ class _GraphLayerMixin:
         check_finite_inputs(call_arguments(inputs))
         gm, tap, node = tapped_graph(self.model_to_explain, self.layer_spec, inputs, additional)
         self.layer_name = node.meta.get("qualname", node.name)
+        bound.arguments["inputs"] = input_aliases(inputs)  # Captum toggles requires_grad on them
         with borrowed(gm) as working:  # Captum's hooks go on this call's own copy
             delegate = self._captum_class(working, working.get_submodule(_TAP), *self._init_args, **self._init_kwargs)
-            return delegate.attribute(*args, **kwargs)
+            return delegate.attribute(*bound.args[1:], **bound.kwargs)
 
 
 def _graph_layer_class(captum_class: type, doc: str) -> type:

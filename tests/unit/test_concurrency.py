@@ -17,7 +17,7 @@ from torch import nn
 
 import captum_graph
 from captum_graph import cloning
-from captum_graph.attr import LayerGradCam, LayerLRP, LRP
+from captum_graph.attr import GuidedGradCam, LayerConductance, LayerGradCam, LayerIntegratedGradients, LayerLRP, LRP
 from captum_graph.capture import capture
 from captum_graph.cloning import borrowed, private_graph_copy
 from captum_graph.errors import CaptureError
@@ -107,6 +107,19 @@ def test_threads_sharing_one_input_tensor(resnet_and_batches):
     x = batches[0]
     expected = LRP(model).attribute(x, target=3)
     found = _in_threads(lambda i: LRP(model).attribute(x, target=3))
+    assert all(torch.equal(f, expected) for f in found)
+    assert not x.requires_grad
+
+
+@pytest.mark.parametrize("method", [GuidedGradCam, LayerIntegratedGradients, LayerConductance], ids=lambda c: c.__name__)
+def test_other_layer_methods_in_threads_sharing_one_input_tensor(method):
+    """GuidedGradCam's guided backpropagation marks its inputs as requiring gradients for the call."""
+    model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
+    x = example_input()
+    expected = method(model, "block").attribute(x, target=1)
+    shared = method(model, "block")
+    with assert_untouched(model, x):
+        found = _in_threads(lambda i: (shared if i % 2 else method(model, "block")).attribute(x, target=1))
     assert all(torch.equal(f, expected) for f in found)
     assert not x.requires_grad
 

@@ -424,6 +424,18 @@ def test_module_forwarding_its_attributes_is_explained_and_untouched(assert_unto
     assert vars(sink) == {"label": "sink"}, f"attributes were written through to the user's object: {vars(sink)}"
 
 
+def test_model_wrapped_in_a_forwarding_module_is_explained_as_the_model_inside(assert_untouched):
+    model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
+    sink = _Sink()
+    wrapper = Forwarding(model, sink)
+    x = example_input()
+    with assert_untouched(wrapper, x):
+        assert torch.equal(LRP(wrapper).attribute(x, target=1), LRP(model).attribute(x, target=1))
+        found = LayerGradCam(wrapper, "inner.block").attribute(x, target=1)
+        assert torch.equal(found, LayerGradCam(model, "block").attribute(x, target=1))
+    assert vars(sink) == {"label": "sink"}
+
+
 def test_graph_module_inside_the_model_keeps_its_graph(assert_untouched):
     """A submodule traced with fx: copying it must not take over its graph (``GraphModule.__copy__`` does)."""
     model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
