@@ -264,7 +264,11 @@ def _capture_hooks(capture: LayerCapture):
 def relevance_hooks(
     gm: fx.GraphModule, assignments: Sequence[RuleAssignment], captures: Sequence[LayerCapture] = ()
 ) -> Iterator[None]:
-    """Install the rule of every assignment on ``gm``'s modules; remove them on exit."""
+    """Install the rule of every assignment on ``gm``'s modules; remove them on exit.
+
+    ``gm``: a working copy borrowed for this call (``PreparedModel.borrow()``),
+    never the shared prepared graph, which other calls read at the same time.
+    """
     handles = []
     by_qualname = {a.qualname: a for a in assignments}
     targets = {str(n.target): n for n in gm.graph.find_nodes(op="call_module")}
