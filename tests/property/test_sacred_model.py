@@ -23,7 +23,7 @@ if _TESTS_DIR not in sys.path:  # harmless when tests/conftest.py already put it
     sys.path.insert(0, _TESTS_DIR)
 
 import dataclasses
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 import torch
