@@ -17,7 +17,7 @@ from torch import nn
 
 from captum_graph import CaptumGraphError
 from captum_graph.attr import LayerGradCam, LayerLRP, LRP
-from captum_graph.errors import NonFiniteError
+from captum_graph import NonFiniteError
 from captum_graph.fusion import _ratio_times_value
 from captum_graph.rules import stabilize
 from helpers.models import TINY_MODELS, TwoInputNet, example_input
