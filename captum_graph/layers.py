@@ -6,7 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import LayerResolutionError
-from .prepare import PreparedModel
+from .prepare import PreparedModel, unwrap_layer
 
 __all__ = ["resolve_layer", "check_layer_spec", "named_modules_for", "LayerSpec"]
 
@@ -52,11 +52,15 @@ def resolve_layer(model: nn.Module, prepared: PreparedModel, layer: LayerSpec) -
     (``'layer1.0.add'``, ``'layer1.0.relu_1'``) or fx node name (``'add_7'``)
     to that node; ``'<module name>#<k>'`` to the k-th call (from 0) of a
     module called at several places.
+    For a wrapped model (``torch.compile``, DataParallel)
+    names are those of the model inside, with or without the wrapper's prefix
+    (``'layer1'`` or ``'_orig_mod.layer1'``).
 
     Raises:
         LayerResolutionError: unknown names (with suggestions), modules not in
             the model, or a module called at several places (lists the nodes).
     """
+    model, layer = unwrap_layer(model, layer)
     if isinstance(layer, nn.Module):
         name = _module_name(model, layer)
         return _resolve_module(prepared, layer, name)
@@ -82,6 +86,7 @@ def resolve_layer(model: nn.Module, prepared: PreparedModel, layer: LayerSpec) -
 
 def check_layer_spec(model: nn.Module, layer: LayerSpec) -> None:
     """Raise for a layer that is neither a name nor a submodule of ``model`` (no graph needed)."""
+    model, layer = unwrap_layer(model, layer)
     if isinstance(layer, nn.Module):
         _module_name(model, layer)
     elif not isinstance(layer, str):

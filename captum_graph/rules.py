@@ -123,7 +123,15 @@ def stabilize(z: Tensor, epsilon: float, non_negative: bool = False) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def constant_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``value`` as a 0-dimensional tensor (cached), rounded as PyTorch rounds a Python scalar."""
+    """An epsilon ``value`` as a 0-dimensional tensor (cached), rounded as PyTorch rounds a Python scalar.
+
+    A positive value too small for ``dtype`` (1e-9 in float16, whose smallest
+    normal number is 6.1e-5) becomes that smallest normal number: rounded to
+    zero (or to a subnormal, which hardware may flush to zero) it would no
+    longer keep ``z == 0`` from a division by zero.
+    """
+    if dtype.is_floating_point and 0 < value < torch.finfo(dtype).tiny:
+        value = torch.finfo(dtype).tiny
     # ``epsilon * sign`` computes in float32 for float32 and narrower tensors and in float64
     # for float64 (a Python float times a float64 tensor stays exact); round the same way.
     wide = torch.tensor(value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)

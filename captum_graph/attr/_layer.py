@@ -10,6 +10,7 @@ automatic Grad-CAM layer (``LayerGradCam(model)``).
 """
 import inspect
 import operator
+import threading
 import weakref
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -26,12 +27,13 @@ from torch import Tensor, nn
 
 from ..architecture import ModelArchitecture
 from ..capture import shape_check
-from ..cloning import private_copy
+from ..cloning import borrowed, private_copy
 from ..errors import LayerResolutionError
+from ..finite import check_finite_inputs
 from ..layers import LayerSpec, check_layer_spec, named_modules_for, resolve_layer
 from ..modules import GridToTokens, Tap, TokensToGrid
-from ..prepare import PreparedModel, prepare
-from ._args import call_arguments
+from ..prepare import PreparedModel, prepare, unwrap, unwrap_layer
+from ._args import call_arguments, input_aliases
 
 __all__ = [
     "LayerGradCam",
@@ -74,17 +76,14 @@ def working_copy(model: nn.Module) -> nn.Module:
     return copy
 
 
-def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A per-call copy of a tapped graph; Captum's hooks go on it, never on the cached graph.
+def _with_gradients(copy: fx.GraphModule) -> None:
+    """Make the floating-point parameters of a working copy of a tapped graph require gradients.
 
-    Its floating-point parameters require gradients, as the user's would:
-    Captum's gradient hooks need tensors that do.
+    As the user's would: Captum's gradient hooks need tensors that do (the
+    output of a layer that depends on parameters only, an embedding of ids).
     """
-    copy = private_copy(gm)
     for parameter in copy.parameters():
         parameter.requires_grad_(parameter.is_floating_point())
-    copy.register_forward_pre_hook(shape_check(copy), with_kwargs=True)
-    return copy
 
 
 def tapped_graph(
@@ -110,16 +109,19 @@ def _tapped_graph(
     # Captum's layer methods run the model at other batch sizes (steps, baselines): any batch must do
     prepared = prepare(model, None if inputs is None else call_arguments(inputs, additional_forward_args), any_batch=True)
     key = (tuple(id(layer) if isinstance(layer, nn.Module) else layer for layer in layers), at_input)
-    cached = _TAPPED.setdefault(prepared, {}).get(key)
-    if cached is None:
-        cached = _TAPPED[prepared][key] = _tapped(model, prepared, layers, at_input)
+    with _TAPPED_LOCK:
+        cached = _TAPPED.setdefault(prepared, {}).get(key)
+        if cached is None:
+            cached = _TAPPED[prepared][key] = _tapped(model, prepared, layers, at_input)
     return cached
 
 
 # Tapped graphs per prepared graph and layers: choosing the automatic layer runs the graph once.
+# They are templates: a call runs a private working copy of one (cloning.borrowed).
 _TAPPED: "weakref.WeakKeyDictionary[PreparedModel, Dict[Any, Tuple[fx.GraphModule, List[str], List[fx.Node]]]]" = (
     weakref.WeakKeyDictionary()
 )
+_TAPPED_LOCK = threading.RLock()
 
 
 class _InputTap(nn.Module):
@@ -269,29 +271,42 @@ class _GraphLayerMixin:
         if not isinstance(model, nn.Module):  # a plain function: nothing to copy, Captum's code as it is
             self.layer_name = None
             return self._delegate(model, self.layer_spec).attribute(*args, **kwargs)
-        modules = named_modules_for(model, self.layer_spec)
+        bound = inspect.signature(self._captum_class.attribute).bind(self, *args, **kwargs)
+        inputs = bound.arguments["inputs"]
+        check_finite_inputs(call_arguments(inputs))
+        bound.arguments["inputs"] = input_aliases(inputs)  # Captum toggles requires_grad on them
+        inner, specs = _inside_wrappers(model, self.layer_spec)
+        modules = named_modules_for(inner, specs)
         if modules is None:
-            return self._attribute_on_graph(*args, **kwargs)
-        copy = working_copy(model)
+            return self._attribute_on_graph(bound)
+        copy = working_copy(inner)
         layers = [copy.get_submodule(name) for name, _ in modules]
         self.layer_name = _as_given(self.layer_spec, [name for name, _ in modules])
-        return self._delegate(copy, _as_given(self.layer_spec, layers)).attribute(*args, **kwargs)
+        return self._delegate(copy, _as_given(self.layer_spec, layers)).attribute(*bound.args[1:], **bound.kwargs)
 
-    def _attribute_on_graph(self, *args: Any, **kwargs: Any) -> Any:
+    def _attribute_on_graph(self, bound: inspect.BoundArguments) -> Any:
         """Captum on a working copy of the graph captured at ``inputs``, tapped at the layer's node(s)."""
-        bound = inspect.signature(self._captum_class.attribute).bind(self, *args, **kwargs)
         inputs = bound.arguments["inputs"]
         additional = bound.arguments.get("additional_forward_args")
         at_input = bool(bound.arguments.get("attribute_to_layer_input", False))
         specs = self.layer_spec if isinstance(self.layer_spec, list) else [self.layer_spec]
         gm, hooked, nodes = _tapped_graph(self.model_to_explain, specs, inputs, additional, at_input)
-        copy = _graph_copy(gm)
         self.layer_name = _as_given(self.layer_spec, [node.meta.get("qualname", node.name) for node in nodes])
-        layers = [copy.get_submodule(name) for name in hooked]
-        return self._delegate(copy, _as_given(self.layer_spec, layers)).attribute(*args, **kwargs)
+        with borrowed(gm) as working:  # Captum's hooks go on this call's own copy
+            _with_gradients(working)
+            layers = [working.get_submodule(name) for name in hooked]
+            return self._delegate(working, _as_given(self.layer_spec, layers)).attribute(*bound.args[1:], **bound.kwargs)
 
     def _delegate(self, model: Any, layer: Any) -> Any:
         return self._captum_class(model, layer, *self._init_args, **self._init_kwargs)
+
+
+def _inside_wrappers(model: nn.Module, layers: Layers) -> Tuple[nn.Module, Layers]:
+    """The model inside its wrappers (``torch.compile``, DataParallel) and the layers named inside it."""
+    if not isinstance(layers, list):
+        return unwrap_layer(model, layers)
+    inside = [unwrap_layer(model, layer) for layer in layers]
+    return (inside[0][0] if inside else unwrap(model)), [layer for _, layer in inside]
 
 
 def _as_given(spec: Layers, values: List[Any]) -> Any:

@@ -4,7 +4,6 @@ from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from captum._utils.common import _format_output, _format_tensor_into_tuples, _is_tuple, _run_forward
-from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import LayerLRP as _CaptumLayerLRP
 from captum.attr import LRP as _CaptumLRP
@@ -12,6 +11,8 @@ from captum.attr._utils.lrp_rules import PropagationRule
 from torch import Tensor, nn
 
 from ..engine import LayerCapture, relevance_hooks
+from ..errors import NonFiniteError
+from ..finite import check_finite_inputs, is_finite, locate_non_finite
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..prepare import PreparedModel, prepare
 from ._args import call_arguments
@@ -71,20 +72,32 @@ class _GraphLRPMixin:
         captures: Sequence[LayerCapture] = (),
         prepared: Optional[PreparedModel] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """Run forward and backward once; return target outputs and normalised input relevance."""
+        """Run forward and backward once; return target outputs and normalised input relevance.
+
+        Runs on a working copy of the prepared graph borrowed for this call,
+        with leaf aliases of the inputs (the caller's tensors keep their
+        ``requires_grad``, also for other threads using them).
+
+        Raises:
+            NonFiniteError: an input holds NaN or infinite values, or the
+                relevance computed from finite inputs does (naming the node).
+        """
+        check_finite_inputs(inputs)
         if prepared is None:
             prepared = self.prepared(inputs, additional_forward_args)  # once per call: the cache check fingerprints the model
-        gm = prepared.graph_module
         assignments = self._assignments(prepared, verbose)
-        gradient_mask = apply_gradient_requirements(inputs)
-        try:
+        inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
+        with prepared.borrow() as gm:
             with relevance_hooks(gm, assignments, captures), torch.enable_grad():
                 outputs = _run_forward(gm, inputs, target, additional_forward_args)
                 if not outputs.requires_grad:
                     raise _no_relevance_path(self.model, inputs, assignments)
                 grads = torch.autograd.grad(torch.unbind(outputs), inputs, allow_unused=True)
-        finally:
-            undo_gradient_requirements(inputs, gradient_mask)
+            captured = tuple(r for capture in captures for r in capture.relevance.values())
+            if not is_finite((outputs,) + grads + captured):
+                run = lambda forward: _run_forward(forward, inputs, target, additional_forward_args)  # noqa: E731
+                where = locate_non_finite(gm, assignments, run, inputs, captures)
+                raise NonFiniteError(f"the relevance of finite inputs is not finite: {where}")
         grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
         return outputs.detach(), grads
 
