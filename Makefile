@@ -1,4 +1,4 @@
-# `make demo` and `make test` create .venv on first use and reuse it afterwards.
+# `make demo`, `make test` and `make docs` create .venv on first use and reuse it afterwards.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test docs bench venv clean
 
 demo: $(STAMP)
 	$(PYTHON) -m captum_graph demo
@@ -19,6 +19,12 @@ demo: $(STAMP)
 # Two workers (the machine has two cores); loadfile keeps a module's tests, and its fixtures, on one worker.
 test: $(STAMP)
 	$(PYTHON) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The documentation site, offline, into docs/_build/html; warnings are errors (tests/docs builds it
+# the same way). Tutorials and examples run during the build, cached by content in docs/_build/.cache.
+docs: $(STAMP)
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs/source docs/_build/html
+	@echo "The site: docs/_build/html/index.html"
 
 # zennit (the `bench` extra) is one of the baselines; only the benchmark needs it.
 bench: $(VENV)/.bench-installed
@@ -36,8 +42,8 @@ $(STAMP): setup.cfg setup.py Makefile
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
 	@echo "Installing into $(VENV) (the first time takes a few minutes)..."
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[test,demo]' $(TORCH)
+	$(PIP) -e '.[test,demo,docs]' $(TORCH)
 	@touch $@
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis docs/_build docs/source/_generated

@@ -1,6 +1,6 @@
 """Graph-aware LRP and layer attribution for Captum."""
 from .architecture import ModelArchitecture, NodeInfo
-from .errors import CaptumGraphError, CaptureError, LayerResolutionError, TracingError, UnsupportedOperationError
+from .errors import CaptumGraphError, CaptureError, LayerResolutionError, NonFiniteError, TracingError, UnsupportedOperationError
 from .extract import ActivationExtractor
 from .prepare import prepare
 from .passes import register_leaf_module
@@ -21,4 +21,5 @@ __all__ = [
     "register_rule",
     "register_leaf_module",
     "CaptureError",
+    "NonFiniteError",
 ]

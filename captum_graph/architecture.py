@@ -53,26 +53,32 @@ class NodeInfo:
 
     @property
     def meta(self) -> Dict[str, Any]:
+        """The fx node's ``meta`` dictionary (``nn_module_stack``, ``stack_trace``, ``tensor_meta``, ...)."""
         return self._node.meta
 
     @property
     def args(self) -> Tuple[Any, ...]:
+        """The node's positional arguments, graph nodes among them as :class:`NodeInfo`."""
         return self._architecture._wrap(self._node.args)
 
     @property
     def kwargs(self) -> Dict[str, Any]:
+        """The node's keyword arguments, graph nodes among them as :class:`NodeInfo`."""
         return self._architecture._wrap(dict(self._node.kwargs))
 
     @property
     def users(self) -> Tuple["NodeInfo", ...]:
+        """The nodes that take this node's output as an argument."""
         return tuple(self._architecture._info(user) for user in self._node.users)
 
     @property
     def next(self) -> Optional["NodeInfo"]:
+        """The node after this one in execution order (``None`` after the last)."""
         return self._architecture._neighbour(self._node.next)
 
     @property
     def prev(self) -> Optional["NodeInfo"]:
+        """The node before this one in execution order (``None`` before the first)."""
         return self._architecture._neighbour(self._node.prev)
 
     @property
@@ -106,6 +112,7 @@ class NodeInfo:
         return None if shape is None else self._architecture._concrete(shape)
 
     def to_dict(self) -> Dict[str, str]:
+        """``opcode``, ``name`` and ``target`` as a dictionary (JSON-ready)."""
         return {"opcode": self.opcode, "name": self.name, "target": self.target}
 
 
@@ -119,7 +126,7 @@ class ModelArchitecture:
 
     Args:
         graph: an fx graph owned by a GraphModule, e.g. ``symbolic_trace(m).graph``
-            or the graph of :func:`captum_graph.tracing.trace`.
+            or the rewritten graph of :func:`captum_graph.prepare`.
         model: the traced model, if at hand: container modules (which a
             GraphModule keeps only as empty shells) are then the model's own.
 

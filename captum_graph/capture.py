@@ -322,4 +322,4 @@ def preserved_training_flags(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, training in flags:
-            module.training = training
+            module.__dict__["training"] = training  # not setattr: a module's own __setattr__ may forward it

@@ -194,8 +194,14 @@ def _propagate(rule: PropagationRule, module: nn.Module, args: tuple, indices: L
         leaves = tuple(a.detach().requires_grad_(i in indices) if isinstance(a, Tensor) else a for i, a in enumerate(args))
         result = rule.relevance(module, leaves, relevance)
         return [result[i] if i < len(result) else None for i in indices]
-    # A Captum rule: replay its weight change on a throwaway copy and its hooks.
+    # A Captum rule: replay its weight change on a throwaway copy and its hooks. Its stabiliser
+    # (1e-9) vanishes in 16-bit floats and its sums of positive parts lose their digits: float32.
+    dtype = relevance.dtype
     target = private_copy(module)
+    if dtype in (torch.float16, torch.bfloat16):
+        target.float()  # the copy's own parameter objects and buffer dict: the originals stay
+        args = tuple(a.float() if isinstance(a, Tensor) and a.dtype == dtype else a for a in args)
+        relevance = relevance.float()
     rule._manipulate_weights(target, args, None)
     detached = [a.detach().requires_grad_() if i in indices else a for i, a in enumerate(args)]
     inputs = [detached[i] for i in indices]
@@ -206,7 +212,7 @@ def _propagate(rule: PropagationRule, module: nn.Module, args: tuple, indices: L
         ratio = rule._create_backward_hook_output(z.detach())(relevance)
         grads = torch.autograd.grad(z, inputs, ratio, allow_unused=True)
     return [
-        None if g is None else rule._create_backward_hook_input(x.detach())(g) for x, g in zip(inputs, grads)
+        None if g is None else rule._create_backward_hook_input(x.detach())(g).to(dtype) for x, g in zip(inputs, grads)
     ]
 
 
@@ -258,7 +264,11 @@ def _capture_hooks(capture: LayerCapture):
 def relevance_hooks(
     gm: fx.GraphModule, assignments: Sequence[RuleAssignment], captures: Sequence[LayerCapture] = ()
 ) -> Iterator[None]:
-    """Install the rule of every assignment on ``gm``'s modules; remove them on exit."""
+    """Install the rule of every assignment on ``gm``'s modules; remove them on exit.
+
+    ``gm``: a working copy borrowed for this call (``PreparedModel.borrow()``),
+    never the shared prepared graph, which other calls read at the same time.
+    """
     handles = []
     by_qualname = {a.qualname: a for a in assignments}
     targets = {str(n.target): n for n in gm.graph.find_nodes(op="call_module")}
@@ -298,15 +308,16 @@ def _swapped_forward(module: nn.Module, forward: Optional[Callable]) -> Iterator
         yield
         return
     attribute = "fn" if isinstance(module, Function) else "forward"
-    original = module.__dict__.get(attribute, _MISSING)
-    setattr(module, attribute, forward)
+    state = module.__dict__  # not setattr: a module's own __setattr__ may forward writes elsewhere
+    original = state.get(attribute, _MISSING)
+    state[attribute] = forward
     try:
         yield
     finally:
         if original is _MISSING:
-            delattr(module, attribute)
+            del state[attribute]
         else:
-            setattr(module, attribute, original)
+            state[attribute] = original
 
 
 _MISSING = object()

@@ -36,6 +36,10 @@ class LayerResolutionError(CaptumGraphError, ValueError):
     """A layer given by name or module could not be resolved to one graph node."""
 
 
+class NonFiniteError(CaptumGraphError, ValueError):
+    """An input, or the relevance computed from finite inputs, holds NaN or infinite values."""
+
+
 @functools.lru_cache(maxsize=None)
 def error_class(base: Type[CaptumGraphError], original: Type[BaseException]) -> Type[CaptumGraphError]:
     """A subclass of ``base`` that is also an instance of ``original``."""

@@ -32,6 +32,7 @@ __all__ = [
     "functional_to_modules",
     "DATA_MOVEMENT",
     "moves_data",
+    "CONSTANT_INPUT",
     "input_dependent_nodes",
     "view_base",
     "relevance_carrying_nodes",
@@ -78,15 +79,21 @@ def _reads_metadata(node: fx.Node) -> bool:
     return value is not None and not isinstance(value, (torch.Tensor, tuple, list))  # sizes, SymInts
 
 
+#: ``meta`` key marking a placeholder whose value LRP holds constant: an argument that is
+#: not explained (Captum's ``additional_forward_args``), so no relevance flows into it.
+CONSTANT_INPUT = "captum_graph_constant_input"
+
+
 def input_dependent_nodes(graph: fx.Graph) -> Set[fx.Node]:
-    """Nodes whose value depends on a graph input's values.
+    """Nodes whose value depends on an explained graph input's values.
 
     Shapes and sizes (``aten.sym_size``), tensors made from them alone
-    (``new_zeros``) and what is computed from those carry no relevance.
+    (``new_zeros``), placeholders marked :data:`CONSTANT_INPUT` and what is
+    computed from those carry no relevance.
     """
     reached: Set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" or (
+        if (node.op == "placeholder" and not node.meta.get(CONSTANT_INPUT)) or (
             not _reads_metadata(node) and any(arg in reached for arg in node.all_input_nodes)
         ):
             reached.add(node)

@@ -4,7 +4,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .architecture import ModelArchitecture
 from .capture import capture
-from .cloning import private_copy
+from .cloning import borrowed, private_copy
 from .passes import (
+    CONSTANT_INPUT,
     calls_to_modules,
     fold_batch_norms,
     functional_to_modules,
@@ -27,7 +28,7 @@ from .passes import (
 )
 from .rules import has_default_rule
 
-__all__ = ["PreparedModel", "prepare", "rewrite_passes", "default_example_inputs"]
+__all__ = ["PreparedModel", "prepare", "rewrite_passes", "default_example_inputs", "unwrap", "unwrap_layer"]
 
 #: Cached graphs per model (least recently used dropped beyond this).
 CACHE_SIZE = 8
@@ -40,7 +41,9 @@ class PreparedModel:
     Attributes:
         graph_module: the rewritten graph; one placeholder per positional
             argument of the call. Its modules are private copies that share
-            parameter storage with the user's model.
+            parameter storage with the user's model. Shared by every call
+            at this signature, from any thread: read it, and run it only
+            through :meth:`borrow`.
         call_sites: for each user module (by ``id``), the graph nodes calling it.
         model_copy: the private copy of the model the graph was captured from.
         origins: for each ``call_module`` target standing for a user module, a
@@ -59,12 +62,21 @@ class PreparedModel:
     dynamic_batch: bool = False
     path_specific: bool = False
 
+    def borrow(self) -> ContextManager[fx.GraphModule]:
+        """``with prepared.borrow() as gm:`` a private working copy of :attr:`graph_module` for one call.
+
+        A call installs its hooks and swapped forwards on ``gm`` and removes
+        them before the block ends; sequential calls reuse one copy, calls
+        running at the same time get one each (see :func:`captum_graph.cloning.borrowed`).
+        """
+        return borrowed(self.graph_module)
+
     def architecture(self, model: Optional[nn.Module] = None) -> ModelArchitecture:
         """A :class:`ModelArchitecture` view of the rewritten graph, with example inputs of its shapes.
 
-        ``model``: the user's model, whose container modules the view then returns.
+        ``model``: the user's model (or a wrapper of it), whose container modules the view then returns.
         """
-        architecture = ModelArchitecture(self.graph_module.graph, model or self.model_copy)
+        architecture = ModelArchitecture(self.graph_module.graph, unwrap(model) if model is not None else self.model_copy)
         architecture.example_inputs = self.example_inputs()
         return architecture
 
@@ -85,10 +97,17 @@ def _random(shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
+# torch.export patches process-wide state while it traces: one capture at a time. Held while
+# preparing, so that threads missing the cache together capture once and share the result.
+_PREPARE_LOCK = threading.RLock()
 
 
 def prepare(
-    model: nn.Module, inputs: Optional[Sequence[Any]] = None, fold_batch_norm: bool = False, any_batch: bool = False
+    model: nn.Module,
+    inputs: Optional[Sequence[Any]] = None,
+    fold_batch_norm: bool = False,
+    any_batch: bool = False,
+    explained: Optional[int] = None,
 ) -> PreparedModel:
     """Capture ``model(*inputs)`` and run every rewrite pass; cached until the model changes.
 
@@ -98,7 +117,10 @@ def prepare(
     With ``fold_batch_norm``, eval-mode batch norms are also merged into the
     convolution or linear layer before them (:func:`fold_batch_norms`).
     ``any_batch``: the graph will also be run at other batch sizes (see
-    :func:`captum_graph.capture.capture`).
+    :func:`captum_graph.capture.capture`). ``explained``: only the first
+    this many arguments are explained (Captum's ``inputs``); LRP holds the
+    others constant (``additional_forward_args``: a division by one is a
+    scaling), ``None`` explains them all.
 
     The cache is keyed by the model and the inputs' signature (dtypes,
     devices, shapes but the batch size where the graph allows any, and the
@@ -110,14 +132,34 @@ def prepare(
     ``fold_batch_norm`` they prepare again too (folding bakes them in). A graph
     captured along a data-dependent branch is never reused.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     args = tuple(default_example_inputs(model) if inputs is None else inputs)
+    explained = None if explained is None or explained >= len(args) else explained  # one cache entry when all are
     fingerprint = _fingerprint(model, values=fold_batch_norm)
     # A dynamic graph holds for batches of two and more (export's assumption), unless any batch will
     # do; a fixed-batch graph serves any_batch callers only where it was captured for them.
-    keys = [_signature(args, "fixed, for any batch" if any_batch else "fixed", fold_batch_norm)]
+    keys = [_signature(args, "fixed, for any batch" if any_batch else "fixed", fold_batch_norm, explained)]
     if any_batch or not _has_batch_of_one(args):
-        keys.insert(0, _signature(args, "dynamic", fold_batch_norm))
+        keys.insert(0, _signature(args, "dynamic", fold_batch_norm, explained))
+    cached = _cached(model, keys, fingerprint)
+    if cached is not None:
+        return cached
+    with _PREPARE_LOCK:
+        cached = _cached(model, keys, fingerprint)  # another thread may have prepared it meanwhile
+        if cached is not None:
+            return cached
+        prepared = _prepare(model, args, fold_batch_norm, any_batch, explained)
+        if not prepared.path_specific:
+            with _CACHE_LOCK:
+                entries = _CACHE.setdefault(model, OrderedDict())
+                batch = "dynamic" if prepared.dynamic_batch else "fixed, for any batch" if any_batch else "fixed"
+                entries[_signature(args, batch, fold_batch_norm, explained)] = (fingerprint, prepared)
+                while len(entries) > CACHE_SIZE:
+                    entries.popitem(last=False)
+    return prepared
+
+
+def _cached(model: nn.Module, keys: Sequence[tuple], fingerprint: tuple) -> Optional[PreparedModel]:
     with _CACHE_LOCK:
         entries = _CACHE.setdefault(model, OrderedDict())
         for key in keys:
@@ -125,30 +167,43 @@ def prepare(
             if cached is not None and cached[0] == fingerprint:
                 entries.move_to_end(key)
                 return cached[1]
-    prepared = _prepare(model, args, fold_batch_norm, any_batch)
-    if not prepared.path_specific:
-        with _CACHE_LOCK:
-            entries = _CACHE.setdefault(model, OrderedDict())
-            batch = "dynamic" if prepared.dynamic_batch else "fixed, for any batch" if any_batch else "fixed"
-            entries[_signature(args, batch, fold_batch_norm)] = (fingerprint, prepared)
-            while len(entries) > CACHE_SIZE:
-                entries.popitem(last=False)
-    return prepared
+    return None
 
 
 def _has_batch_of_one(args: Sequence[Any]) -> bool:
     return any(isinstance(a, Tensor) and a.dim() and a.shape[0] == 1 for a in args)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrappers."""
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
+def _wrapped(model: nn.Module) -> Optional[str]:
+    """The attribute under which a ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``
+    wrapper holds its model; ``None`` for any other module."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return "_orig_mod"
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module"
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrappers
+    (any nesting of them); ``model`` itself if it is none of these."""
+    return unwrap_layer(model, None)[0]
+
+
+def unwrap_layer(model: nn.Module, layer: Union[str, nn.Module, None]) -> Tuple[nn.Module, Union[str, nn.Module, None]]:
+    """The wrapped model (see :func:`unwrap`) and ``layer`` named inside it.
+
+    A name given through the wrappers (``"_orig_mod.layer1"``,
+    ``"module.layer1"``) loses their prefixes; a plain name (``"layer1"``) and a
+    module are returned as they are.
+    """
+    attribute = _wrapped(model)
+    while attribute is not None:
+        if isinstance(layer, str) and layer.startswith(attribute + "."):
+            layer = layer[len(attribute) + 1 :]
+        model = model.__dict__["_modules"][attribute]  # not getattr: a wrapper may forward attribute reads
+        attribute = _wrapped(model)
+    return model, layer
 
 
 def default_example_inputs(model: nn.Module) -> Tuple[Tensor]:
@@ -184,8 +239,8 @@ def _example_shape(model: nn.Module, module: nn.Module) -> Optional[Tuple[int, .
     return None
 
 
-def _signature(args: Sequence[Any], batch: str, fold_batch_norm: bool) -> tuple:
-    parts: List[Any] = [fold_batch_norm, batch]
+def _signature(args: Sequence[Any], batch: str, fold_batch_norm: bool, explained: Optional[int] = None) -> tuple:
+    parts: List[Any] = [fold_batch_norm, batch, explained]
     for arg in args:
         if isinstance(arg, Tensor):
             shape = tuple(arg.shape[1:]) if batch == "dynamic" and arg.dim() else tuple(arg.shape)
@@ -221,12 +276,16 @@ def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tupl
     ) + ((fold_batch_norms,) if fold_batch_norm else ())
 
 
-def _prepare(model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool, any_batch: bool) -> PreparedModel:
+def _prepare(
+    model: nn.Module, args: Tuple[Any, ...], fold_batch_norm: bool, any_batch: bool, explained: Optional[int]
+) -> PreparedModel:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     user_modules = {id(module): module for module in model.modules()}
     copy = private_copy(model)
     gm = capture(copy, args, any_batch=any_batch)
     graph_module = gm.graph_module
+    for placeholder in graph_module.graph.find_nodes(op="placeholder")[len(args) if explained is None else explained :]:
+        placeholder.meta[CONSTANT_INPUT] = True
     for run_pass in rewrite_passes(copy, fold_batch_norm):
         run_pass(graph_module)
     copies = {name: module for name, module in copy.named_modules(remove_duplicate=False)}

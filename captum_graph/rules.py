@@ -42,7 +42,12 @@ RuleKey = Union[str, Type[nn.Module], Tuple[Type[nn.Module], ...]]
 
 
 class PassThroughRule(PropagationRule):
-    """Relevance passes unchanged from output to input (elementwise activations)."""
+    """Relevance passes unchanged from output to input (elementwise activations).
+
+    ``R_in = R_out`` element by element: in LRP an activation belongs to its
+    neuron (Bach et al. 2015), as in AttnLRP's identity rule for elementwise
+    functions (Achtibat et al. 2024).
+    """
 
     def _manipulate_weights(self, module, inputs, outputs) -> None:
         pass
@@ -51,7 +56,10 @@ class PassThroughRule(PropagationRule):
 class MoveRule(PropagationRule):
     """Relevance is moved by the operation's gradient: nothing created or lost.
 
-    For concatenation, stacking, flattening, permutation and other data movement.
+    ``R_in = (dy/dx)^T R_out`` for concatenation, stacking, flattening,
+    permutation and other data movement. From no paper: such an operation
+    only moves, copies or selects values, and its gradient moves relevance
+    the same way.
     """
 
     def _manipulate_weights(self, module, inputs, outputs) -> None:
@@ -61,7 +69,7 @@ class MoveRule(PropagationRule):
 class ConstantRule(PropagationRule):
     """The module's output is a constant for relevance: nothing flows back through it.
 
-    For attention probabilities (CP-LRP, Ali et al. 2022): relevance reaches
+    ``R_in = 0``. For attention probabilities (CP-LRP, Ali et al. 2022): relevance reaches
     the values through the product, and none the queries and keys.
     """
 
@@ -85,6 +93,7 @@ class ExplicitRule(PropagationRule):
         pass
 
     def relevance(self, module: nn.Module, inputs: Tuple[Tensor, ...], relevance: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """The relevance of each of ``inputs`` (``None`` for those that carry none) given the output's ``relevance``."""
         raise NotImplementedError
 
     def _ratio(self, relevance: Tensor, z: Tensor) -> Tensor:
@@ -114,7 +123,15 @@ def stabilize(z: Tensor, epsilon: float, non_negative: bool = False) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def constant_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``value`` as a 0-dimensional tensor (cached), rounded as PyTorch rounds a Python scalar."""
+    """An epsilon ``value`` as a 0-dimensional tensor (cached), rounded as PyTorch rounds a Python scalar.
+
+    A positive value too small for ``dtype`` (1e-9 in float16, whose smallest
+    normal number is 6.1e-5) becomes that smallest normal number: rounded to
+    zero (or to a subnormal, which hardware may flush to zero) it would no
+    longer keep ``z == 0`` from a division by zero.
+    """
+    if dtype.is_floating_point and 0 < value < torch.finfo(dtype).tiny:
+        value = torch.finfo(dtype).tiny
     # ``epsilon * sign`` computes in float32 for float32 and narrower tensors and in float64
     # for float64 (a Python float times a float64 tensor stays exact); round the same way.
     wide = torch.tensor(value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -284,6 +301,9 @@ class Preset:
     linear: Optional[Callable[[], PropagationRule]]
 
 
+#: The rule presets by name: ``LRP(model, preset="epsilon-plus-flat")``. They follow zennit's
+#: composites of the same names (Kohlbrenner et al. 2020, "Towards best practice in explaining
+#: neural network decisions with LRP").
 PRESETS: Dict[str, Preset] = {
     "epsilon": Preset("epsilon", None, None, None),
     "epsilon-plus-flat": Preset("epsilon-plus-flat", FlatRule, ZPlusRule, lambda: EpsilonRule(1e-6)),
@@ -310,6 +330,7 @@ class RuleAssignment:
 
     @property
     def rule_name(self) -> str:
+        """The rule's class name, with epsilon for an ``EpsilonRule`` (``"EpsilonRule(1e-09)"``); ``"-"`` for none."""
         if self.rule is None:
             return "-"
         name = type(self.rule).__name__

@@ -6,7 +6,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .cloning import private_copy
+from .cloning import private_graph_copy, set_training
 
 __all__ = ["propagate_shapes", "token_gradients"]
 
@@ -14,13 +14,17 @@ __all__ = ["propagate_shapes", "token_gradients"]
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Store ``tensor_meta`` (shape, dtype) on each node of ``gm``'s graph.
 
-    Runs on a private copy of the modules in eval mode, without gradients, so
-    no hook of the user's fires and no running statistic changes.
+    Runs on a private copy of the modules and the graph in eval mode, without
+    gradients, so no hook of the user's fires, no running statistic changes,
+    and ``gm``'s graph is never owned by another module, even for a moment.
     """
-    shadow = fx.GraphModule(private_copy(gm).eval(), gm.graph)
+    shadow = set_training(private_graph_copy(gm), False)  # its own graph: ``gm``'s stays owned by ``gm`` for other readers
     with torch.no_grad():
         ShapeProp(shadow).propagate(*example_inputs)
-    gm.graph.owning_module = gm  # GraphModule() above took ownership of the graph
+    for node, twin in zip(gm.graph.nodes, shadow.graph.nodes):
+        for key in ("tensor_meta", "type"):
+            if key in twin.meta:
+                node.meta[key] = twin.meta[key]
 
 
 def token_gradients(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Dict[fx.Node, bool]:
@@ -30,8 +34,7 @@ def token_gradients(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) 
     all-zero parameters (zero-initialised heads) are redrawn: which tokens
     reach the output is a property of the structure, not of the weights.
     """
-    shadow = fx.GraphModule(private_copy(gm).eval(), gm.graph)
-    gm.graph.owning_module = gm
+    shadow = set_training(private_graph_copy(gm), False)
     _redraw_zero_parameters(shadow)
     recorder = _TokenRecorder(shadow)
     with torch.enable_grad():
@@ -39,8 +42,9 @@ def token_gradients(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) 
         output = recorder.run(*inputs)
         outputs = [o for o in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(o, torch.Tensor)]
         sum(o.sum() for o in outputs).backward()
+    originals = dict(zip(shadow.graph.nodes, gm.graph.nodes))
     return {
-        node: value.grad is not None and bool(value.grad[:, 1:].abs().sum() > 0)
+        originals[node]: value.grad is not None and bool(value.grad[:, 1:].abs().sum() > 0)
         for node, value in recorder.tokens.items()
     }
 

@@ -4,7 +4,6 @@ from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from captum._utils.common import _format_output, _format_tensor_into_tuples, _is_tuple, _run_forward
-from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import LayerLRP as _CaptumLayerLRP
 from captum.attr import LRP as _CaptumLRP
@@ -12,10 +11,12 @@ from captum.attr._utils.lrp_rules import PropagationRule
 from torch import Tensor, nn
 
 from ..engine import LayerCapture, relevance_hooks
+from ..errors import NonFiniteError
+from ..finite import check_finite_inputs, is_finite, locate_non_finite
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..prepare import PreparedModel, prepare
 from ._args import call_arguments
-from ..rules import Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems, validate_rules
+from ..rules import ConstantRule, Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems, validate_rules
 
 __all__ = ["LRP", "LayerLRP"]
 
@@ -40,9 +41,12 @@ class _GraphLRPMixin:
         """The rewritten graph of the model at these inputs (cached; rebuilt when the model changes).
 
         ``inputs=None`` takes an example image (see :func:`captum_graph.prepare`).
+        ``additional_forward_args`` are held constant: no relevance flows into them.
         """
-        args = None if inputs is None else call_arguments(inputs, additional_forward_args)
-        return prepare(self.model, args, self.fold_batch_norm)
+        if inputs is None:
+            return prepare(self.model, None, self.fold_batch_norm)
+        explained = len(_format_tensor_into_tuples(inputs))
+        return prepare(self.model, call_arguments(inputs, additional_forward_args), self.fold_batch_norm, explained=explained)
 
     def rule_report(self, inputs: Any = None, additional_forward_args: Any = None) -> List[RuleAssignment]:
         """Which rule each node gets and why at these inputs; unsupported nodes have ``problem`` set."""
@@ -68,20 +72,52 @@ class _GraphLRPMixin:
         captures: Sequence[LayerCapture] = (),
         prepared: Optional[PreparedModel] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """Run forward and backward once; return target outputs and normalised input relevance."""
+        """Run forward and backward once; return target outputs and normalised input relevance.
+
+        Runs on a working copy of the prepared graph borrowed for this call,
+        with leaf aliases of the inputs (the caller's tensors keep their
+        ``requires_grad``, also for other threads using them).
+
+        Raises:
+            NonFiniteError: an input holds NaN or infinite values, or the
+                relevance computed from finite inputs does (naming the node).
+        """
+        check_finite_inputs(inputs)
         if prepared is None:
             prepared = self.prepared(inputs, additional_forward_args)  # once per call: the cache check fingerprints the model
-        gm = prepared.graph_module
         assignments = self._assignments(prepared, verbose)
-        gradient_mask = apply_gradient_requirements(inputs)
-        try:
+        inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
+        with prepared.borrow() as gm:
             with relevance_hooks(gm, assignments, captures), torch.enable_grad():
                 outputs = _run_forward(gm, inputs, target, additional_forward_args)
+                if not outputs.requires_grad:
+                    raise _no_relevance_path(self.model, inputs, assignments)
                 grads = torch.autograd.grad(torch.unbind(outputs), inputs, allow_unused=True)
-        finally:
-            undo_gradient_requirements(inputs, gradient_mask)
+            captured = tuple(r for capture in captures for r in capture.relevance.values())
+            if not is_finite((outputs,) + grads + captured):
+                run = lambda forward: _run_forward(forward, inputs, target, additional_forward_args)  # noqa: E731
+                where = locate_non_finite(gm, assignments, run, inputs, captures)
+                raise NonFiniteError(f"the relevance of finite inputs is not finite: {where}")
         grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
         return outputs.detach(), grads
+
+
+def _no_relevance_path(model: nn.Module, inputs: Tuple[Tensor, ...], assignments: List[RuleAssignment]) -> ValueError:
+    """The error for a target output that no relevance path links to a floating-point input."""
+    name = type(model).__name__
+    if not any(x.is_floating_point() for x in inputs):
+        kinds = ", ".join(sorted({str(x.dtype) for x in inputs}))
+        return ValueError(
+            f"LRP on {name}: no input is floating point ({kinds}), so none can carry relevance; "
+            "pass floating-point inputs (for token ids: the embeddings, as inputs of the rest of the model)"
+        )
+    constants = [a.qualname for a in assignments if isinstance(a.rule, ConstantRule)]
+    where = f" The nodes LRP holds constant: {', '.join(constants)}." if constants else ""
+    return ValueError(
+        f"LRP on {name}: no relevance path leads from the target output to the inputs: it is computed "
+        f"through operations whose output LRP holds constant (a softmax at the output) or does not "
+        f"depend on the inputs.{where} Explain the logits: the model without its final softmax."
+    )
 
 
 def _scaled(normalized: Tensor, output: Tensor) -> Tensor:

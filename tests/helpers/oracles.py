@@ -213,8 +213,34 @@ def _hook_dicts(module: nn.Module) -> Dict[str, Dict[Any, Any]]:
 
 
 def _plain_attributes(module: nn.Module) -> Dict[str, Any]:
+    """``module.__dict__`` but parameters, buffers, children and hooks; containers copied (one level)
+    so that what is written into a dict or list attribute in place shows."""
     skip = {"_parameters", "_buffers", "_modules"}
-    return {k: v for k, v in vars(module).items() if k not in skip and not ("hook" in k and isinstance(v, dict))}
+    return {
+        k: copy.copy(v) if type(v) in (dict, list, set) else v
+        for k, v in vars(module).items()
+        if k not in skip and not ("hook" in k and isinstance(v, dict))
+    }
+
+
+def _tensor_state(t: Tensor) -> tuple:
+    """Hooks and Python attributes a tensor carries (``register_hook``, flags set on it)."""
+    return (
+        tuple(getattr(t, "_backward_hooks", None) or {}),
+        tuple(getattr(t, "_post_accumulate_grad_hooks", None) or {}),
+        tuple(sorted(vars(t))) if hasattr(t, "__dict__") else (),
+    )
+
+
+def _global_state() -> Dict[str, Any]:
+    """Process-wide switches an attribution might leave changed."""
+    from torch.nn.utils import parametrize
+
+    return {
+        "grad enabled": torch.is_grad_enabled(),
+        "inference mode": torch.is_inference_mode_enabled(),
+        "parametrize caching": (parametrize._cache_enabled, len(parametrize._cache)),
+    }
 
 
 def snapshot(model: nn.Module, inputs: Optional[Union[Tensor, Sequence[Tensor]]] = None) -> Dict[str, Any]:
@@ -236,14 +262,18 @@ def snapshot(model: nn.Module, inputs: Optional[Union[Tensor, Sequence[Tensor]]]
                 for n, p in module._parameters.items()
                 if p is not None
             },
+            "tensor_state": {n: _tensor_state(t) for n, t in {**module._parameters, **module._buffers}.items() if t is not None},
             "buffers": {n: (id(b), b.data_ptr()) for n, b in module._buffers.items() if b is not None},
             "children": {n: id(c) for n, c in module._modules.items()},
+            # a GraphModule's graph must stay its own (GraphModule.__copy__ re-owns it)
+            "graph_owner": id(module.graph.owning_module) if isinstance(module, torch.fx.GraphModule) else None,
         }
     result = {
         "modules": state,
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
         "buffers": {k: v.detach().clone() for k, v in model.named_buffers(remove_duplicate=False)},
         "global_hooks": {name: dict(getattr(module_module, name, {})) for name in _GLOBAL_HOOK_DICTS},
+        "global_state": _global_state(),
     }
     if inputs is not None:
         with torch.no_grad():
@@ -258,6 +288,10 @@ def _same_value(a: Any, b: Any) -> bool:
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
     if type(a) is not type(b):
         return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
     try:
         return bool(a == b)
     except Exception:
@@ -272,7 +306,7 @@ def assert_same_snapshot(before: Dict[str, Any], after: Dict[str, Any]) -> None:
     for name in before["modules"].keys() & after["modules"].keys():
         b, a = before["modules"][name], after["modules"][name]
         where = f"module '{name}' ({b['type'].__name__})"
-        for key in ("type", "id", "training", "inplace", "children", "rule_state"):
+        for key in ("type", "id", "training", "inplace", "children", "rule_state", "tensor_state", "graph_owner"):
             if b[key] != a[key]:
                 problems.append(f"{where}: {key} {b[key]!r} -> {a[key]!r}")
         for key in b["hooks"].keys() | a["hooks"].keys():
@@ -303,6 +337,8 @@ def assert_same_snapshot(before: Dict[str, Any], after: Dict[str, Any]) -> None:
     for name, hooks in before["global_hooks"].items():
         if hooks.keys() != after["global_hooks"][name].keys():
             problems.append(f"global {name}: {hooks} -> {after['global_hooks'][name]}")
+    if before["global_state"] != after["global_state"]:
+        problems.append(f"global state {before['global_state']} -> {after['global_state']}")
     if "output" in before and not _same_value(before["output"], after.get("output")):
         problems.append("the model's output for the same input changed")
     assert not problems, "the model was modified:\n  " + "\n  ".join(problems)
@@ -313,11 +349,14 @@ def assert_untouched(model: nn.Module, inputs=None) -> Iterator[None]:
     """Check that the body leaves ``model`` exactly as it was, also when it raises.
 
     Compares the state dict and buffers bit for bit, parameter identity,
-    storage, ``requires_grad`` and ``.grad``, every hook dictionary of every
+    storage, ``requires_grad`` and ``.grad``, the hooks and Python attributes
+    of every parameter and buffer tensor, every hook dictionary of every
     module (and the global module hooks), ``training`` and ``inplace`` flags,
     the set and values of every other attribute in each module's ``__dict__``
-    (so no leftover ``rule`` or ``activations``), and, given ``inputs``, the
-    model's output.
+    (so no leftover ``rule`` or ``activations``; containers one level deep),
+    the module tree (names, types, identities, so parametrizations too), the
+    owner of a GraphModule's graph, grad mode and parametrize's cache, and,
+    given ``inputs``, the model's output.
     """
     before = snapshot(model, inputs)
     try:

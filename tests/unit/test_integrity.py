@@ -14,10 +14,11 @@ import pytest
 import torch
 from captum.attr._utils.lrp_rules import GammaRule
 from torch import nn
+from torch.nn.utils import parametrize
 
 import captum_graph
 from captum_graph.rules import PassThroughRule
-from captum_graph.attr import LayerLRP, LRP
+from captum_graph.attr import LayerGradCam, LayerLRP, LRP
 from helpers.models import TINY_MODELS, SequentialNet, TinyNet, example_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")
@@ -61,7 +62,26 @@ CHANGES = {
     "buffer": lambda m: m.register_buffer("extra", torch.zeros(1)),
     "grad": lambda m: setattr(m.fc.weight, "grad", torch.ones_like(m.fc.weight)),
     "submodule": lambda m: setattr(m, "fc", nn.Linear(4, 5).double()),
+    "tensor hook": lambda m: m.stem.weight.register_hook(lambda grad: grad),
+    "flag on a tensor": lambda m: setattr(m.fc.bias, "hook_registered", True),  # Captum flags tensors so
+    "parametrization": lambda m: parametrize.register_parametrization(m.fc, "weight", _Double()),
+    "grad mode": lambda m: _GradModeOff(),
 }
+
+
+class _Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+class _GradModeOff:
+    """Switches gradients off until removed (a leaked ``torch.no_grad``)."""
+
+    def __init__(self) -> None:
+        torch.set_grad_enabled(False)
+
+    def remove(self) -> None:
+        torch.set_grad_enabled(True)
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -77,6 +97,22 @@ def test_checker_notices(change, assert_untouched):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_checker_notices_a_container_filled_in_place(assert_untouched):
+    model = TINY_MODELS["relu: nn.ReLU(inplace=True)"]().double()
+    model.block.seen = []
+    with pytest.raises(AssertionError, match="attribute seen"):
+        with assert_untouched(model):
+            model.block.seen.append(1)
+
+
+def test_checker_notices_a_graph_taken_over(assert_untouched):
+    """``copy.copy`` of a GraphModule (``GraphModule.__copy__``) makes the copy own the shared graph."""
+    model = nn.Sequential(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4))))
+    with pytest.raises(AssertionError, match="graph_owner"):
+        with assert_untouched(model):
+            copy.copy(model[0])
 
 
 def test_checker_notices_vanillas_leftovers(assert_untouched):
@@ -275,3 +311,137 @@ def test_what_a_forward_caches_during_capture_never_reaches_the_model():
     assert model[1].cache == {}, "the capture wrote into the user's module"
     value = model(x)[0, 0].item()
     assert isinstance(value, float)  # a real number, not a symbol of the capture
+
+
+# ---------------------------------------------------------------------------
+# wrapped models
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-process gloo group, for DistributedDataParallel."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    store = tmp_path_factory.mktemp("gloo") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+WRAPPERS = {
+    "torch.compile": (torch.compile, "_orig_mod"),
+    "DataParallel": (nn.DataParallel, "module"),
+    "DistributedDataParallel": (lambda model: nn.parallel.DistributedDataParallel(model), "module"),
+    "DataParallel(torch.compile)": (lambda model: nn.DataParallel(torch.compile(model)), "module._orig_mod"),
+}
+
+
+def _wrap(name, model, request):
+    if "Distributed" in name:
+        request.getfixturevalue("process_group")
+    make, prefix = WRAPPERS[name]
+    return make(model), prefix
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapped_model_is_explained_as_the_model_inside(wrapper, request, assert_untouched):
+    model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
+    x = example_input()
+    wrapped, prefix = _wrap(wrapper, model, request)
+    expected = {
+        "LRP": LRP(model).attribute(x, target=1),
+        "block": LayerLRP(model, "block").attribute(x, target=1),
+        "block.add": LayerLRP(model, "block.add").attribute(x, target=1, attribute_to_layer_input=True),
+        "cam": LayerGradCam(model, "block").attribute(x, target=1),
+        "cam at block.conv": LayerGradCam(model, model.block.conv).attribute(x, target=1),
+    }
+    with assert_untouched(model, x):
+        assert torch.equal(LRP(wrapped).attribute(x, target=1), expected["LRP"])
+        for name in ("block", f"{prefix}.block", model.block):  # plain, through the wrapper, a module inside
+            assert torch.equal(LayerLRP(wrapped, name).attribute(x, target=1), expected["block"]), name
+            assert torch.equal(LayerGradCam(wrapped, name).attribute(x, target=1), expected["cam"]), name
+        for name in ("block.add", f"{prefix}.block.add"):
+            found = LayerLRP(wrapped, name).attribute(x, target=1, attribute_to_layer_input=True)
+            assert all(torch.equal(a, b) for a, b in zip(found, expected["block.add"])), name
+        found = LayerGradCam(wrapped, model.block.conv).attribute(x, target=1)
+        assert torch.equal(found, expected["cam at block.conv"])
+        assert torch.equal(LayerGradCam(wrapped).attribute(x, target=1), LayerGradCam(model).attribute(x, target=1))
+    assert [name for name, _ in model.named_children()] == ["stem", "relu", "block", "pool", "fc"]
+
+
+class _Sink:
+    """A plain object of the user's, to which a module forwards attributes."""
+
+    def __init__(self) -> None:
+        self.label = "sink"
+
+
+class Forwarding(nn.Module):
+    """Holds ``inner``; every other attribute is written to and read from ``sink``.
+
+    ``torch.compile``'s wrapper forwards attribute writes to the model it
+    wraps in the same way (the issue's data loss): a copy that sets attributes
+    through ``__setattr__`` writes into the user's objects.
+    """
+
+    def __init__(self, inner: nn.Module, sink: _Sink) -> None:
+        super().__init__()
+        self.inner = inner
+        self.__dict__["sink"] = sink
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["sink"], name)
+
+    def __setattr__(self, name, value):
+        if "sink" in self.__dict__ and not isinstance(value, (nn.Module, torch.Tensor)) and not hasattr(type(self), name):
+            setattr(self.__dict__["sink"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_module_forwarding_its_attributes_is_explained_and_untouched(assert_untouched):
+    plain = TINY_MODELS["x + relu(conv(x))"]().double().eval()
+    sink = _Sink()
+    model = copy.deepcopy(plain)
+    model.block = Forwarding(model.block, sink)
+    model.block.inner.train()  # flags are where copies write most (training, inplace, forward)
+    plain.block.train()
+    x = example_input()
+    with assert_untouched(model, x):
+        assert torch.equal(LRP(model).attribute(x, target=1), LRP(plain).attribute(x, target=1))
+        found = LayerLRP(model, "block.inner.add").attribute(x, target=1)
+        assert torch.equal(found, LayerLRP(plain, "block.add").attribute(x, target=1))
+        found = LayerGradCam(model, model.block).attribute(x, target=1)
+        assert torch.equal(found, LayerGradCam(plain, plain.block).attribute(x, target=1))
+        assert torch.equal(LayerGradCam(model, "block").attribute(x, target=1), found)
+    assert vars(sink) == {"label": "sink"}, f"attributes were written through to the user's object: {vars(sink)}"
+
+
+def test_model_wrapped_in_a_forwarding_module_is_explained_as_the_model_inside(assert_untouched):
+    model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
+    sink = _Sink()
+    wrapper = Forwarding(model, sink)
+    x = example_input()
+    with assert_untouched(wrapper, x):
+        assert torch.equal(LRP(wrapper).attribute(x, target=1), LRP(model).attribute(x, target=1))
+        found = LayerGradCam(wrapper, "inner.block").attribute(x, target=1)
+        assert torch.equal(found, LayerGradCam(model, "block").attribute(x, target=1))
+    assert vars(sink) == {"label": "sink"}
+
+
+def test_graph_module_inside_the_model_keeps_its_graph(assert_untouched):
+    """A submodule traced with fx: copying it must not take over its graph (``GraphModule.__copy__`` does)."""
+    model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
+    model.block = torch.fx.symbolic_trace(model.block)
+    x = example_input()
+    with assert_untouched(model, x):
+        LRP(model).attribute(x, target=1)
+        LayerGradCam(model, "block").attribute(x, target=1)
+    assert model.block.graph.owning_module is model.block

@@ -1,4 +1,6 @@
 """Layer methods on graph nodes: automatic Grad-CAM, token grids, functional targets, errors."""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,16 +222,47 @@ def test_resnet_addition_node_by_qualified_and_fx_name():
     assert by_qualname.shape == (1, 512, 2, 2)
 
 
-def test_a_module_called_twice_is_ambiguous_and_lists_the_calls():
-    model = torchvision.models.resnet18().eval()
-    x = torch.randn(1, 3, 32, 32)  # layers resolve on the graph captured at the call
+def test_a_module_called_twice_behaves_as_in_captum_and_each_call_has_a_name():
+    """A module (or its name) runs Captum's own code: its hooks fire at both calls, Captum keeps the last."""
+    torch.manual_seed(0)
+    model = _redraw_heads(torchvision.models.resnet18())
+    x = torch.randn(1, 3, 32, 32)
+    relu = model.layer1[0].relu
+    theirs = captum_attr.LayerGradCam(model, relu).attribute(x, target=0)
+    for layer in (relu, "layer1.0.relu"):
+        with untouched(model, x):
+            cam = graph_attr.LayerGradCam(model, layer)
+            assert torch.equal(cam.attribute(x, target=0), theirs)
+        assert cam.layer_name == "layer1.0.relu"
+    # each call by its own name, on the graph; the second call is what Captum keeps
+    second = graph_attr.LayerGradCam(model, "layer1.0.relu_1")
+    torch.testing.assert_close(second.attribute(x, target=0), theirs, rtol=1e-4, atol=1e-6)
+    assert second.layer_name == "layer1.0.relu_1"
+    first = graph_attr.LayerGradCam(model, "layer1_0_relu").attribute(x, target=0)
+    assert first.shape == (1, 1, 8, 8) and not torch.equal(first, theirs)
+    # LRP has one rule per call: the module's name is ambiguous there, and the error lists the calls
     with pytest.raises(LayerResolutionError, match=r"called at 2 places.*'layer1_0_relu'.*'layer1.0.relu_1'"):
-        graph_attr.LayerGradCam(model, model.layer1[0].relu).attribute(x, target=0)
-    with pytest.raises(LayerResolutionError, match="called at 2 places"):
-        graph_attr.LayerGradCam(model, "layer1.0.relu").attribute(x, target=0)
-    # each call by its own name works
-    cam = graph_attr.LayerGradCam(model, "layer1.0.relu_1")
-    assert cam.attribute(x, target=0).shape == (1, 1, 8, 8) and cam.layer_name == "layer1.0.relu_1"
+        graph_attr.LayerLRP(model, relu).attribute(x, target=0)
+
+
+def test_the_first_call_of_a_top_level_module_called_twice_is_named_with_its_index():
+    model = _Twice().eval()
+    x = torch.randn(2, 3)
+    with pytest.raises(LayerResolutionError, match=r"name the call you mean: 'lin#0', 'lin_1'"):
+        graph_attr.LayerLRP(model, "lin").attribute(x, target=0)
+    first = graph_attr.LayerActivation(model, "lin#0").attribute(x)
+    torch.testing.assert_close(first, model.lin(x))
+    second = graph_attr.LayerActivation(model, "lin_1").attribute(x)
+    torch.testing.assert_close(second, model.lin(torch.relu(model.lin(x))))
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.lin(x)))
 
 
 def test_unknown_names_suggest_close_ones():
@@ -293,3 +326,104 @@ def test_layer_method_after_lrp_at_a_batch_of_one_runs_at_its_own_batch_sizes():
     reference = _ResidualAsModules(model).eval()
     theirs = captum_attr.LayerIntegratedGradients(reference, reference.add).attribute(x, target=1, n_steps=8)
     torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-12)
+
+
+def test_captum_hooks_go_on_a_private_copy_and_the_users_own_hooks_still_fire():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(2, 3, 6, 6)
+    seen = []
+
+    def users_hook(module, args, output):  # the user's own hook: Captum would run it, so do we
+        seen.append(len(model.conv._forward_hooks))
+
+    handle = model.conv.register_forward_hook(users_hook)
+    try:
+        theirs = captum_attr.LayerGradCam(model, model.conv).attribute(x, target=1)
+        seen.clear()
+        with untouched(model, x):
+            ours = graph_attr.LayerGradCam(model, model.conv).attribute(x, target=1)
+    finally:
+        handle.remove()
+    assert torch.equal(ours, theirs)
+    assert seen and set(seen) == {1}, f"the user's module held {seen} hooks during the call: Captum's went on it"
+
+
+def test_concurrent_calls_on_one_model_do_not_see_each_others_hooks():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    inputs = [torch.randn(2, 3, 6, 6) for _ in range(4)]
+    methods = [
+        lambda x: graph_attr.LayerGradCam(model, model.conv).attribute(x, target=1),
+        lambda x: graph_attr.LayerIntegratedGradients(model, "side").attribute(x, target=0, n_steps=8),
+        lambda x: graph_attr.LayerActivation(model, [model.conv, model.side]).attribute(x),
+    ]
+    expected = [[method(x) for x in inputs] for method in methods]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        futures = {(m, i, r): pool.submit(methods[m], inputs[i]) for m in range(3) for i in range(4) for r in range(3)}
+        for (m, i, _), future in futures.items():
+            got = future.result()
+            for a, b in zip(got if isinstance(got, list) else [got], expected[m][i] if m == 2 else [expected[m][i]]):
+                assert torch.equal(a, b), f"method {m}, input {i}: a concurrent call changed the result"
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+
+
+def test_attribution_to_the_inputs_of_a_functional_node():
+    """``attribute_to_layer_input`` at ``add``: one attribution per summand, as Captum gives for a module."""
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    reference = _ResidualAsModules(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    for method, call in [
+        ("LayerActivation", {}),
+        ("LayerGradientXActivation", dict(target=1)),
+        ("LayerIntegratedGradients", dict(target=1, n_steps=8)),
+        ("LayerConductance", dict(target=1, n_steps=8)),
+    ]:
+        with untouched(model, x):
+            ours = getattr(graph_attr, method)(model, "add").attribute(x, attribute_to_layer_input=True, **call)
+        theirs = getattr(captum_attr, method)(reference, reference.add).attribute(x, attribute_to_layer_input=True, **call)
+        assert isinstance(ours, tuple) and len(ours) == 2, method
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7, msg=lambda m: f"{method}: {m}")
+
+
+def test_a_list_of_node_names_gives_a_list_as_captum_does_for_modules():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    reference = _ResidualAsModules(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    explainer = graph_attr.LayerGradientXActivation(model, ["add", "cat", model.side])
+    ours = explainer.attribute(x, target=1)
+    theirs = captum_attr.LayerGradientXActivation(reference, [reference.add, reference.cat, reference.side]).attribute(x, target=1)
+    assert isinstance(ours, list) and len(ours) == 3
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert explainer.layer_name == ["add", "cat", "side"]
+    modules = graph_attr.LayerActivation(model, ["conv", "side"])  # modules only: Captum's own code
+    assert all(torch.equal(a, b) for a, b in zip(modules.attribute(x), captum_attr.LayerActivation(model, [model.conv, model.side]).attribute(x)))
+    assert modules.layer_name == ["conv", "side"]
+
+
+def test_a_plain_function_as_the_forward_runs_captums_code_as_it_is():
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    x = torch.randn(2, 3, 6, 6)
+
+    def forward(inputs):
+        return model(inputs) * 2
+
+    ours = graph_attr.LayerGradCam(forward, model.conv).attribute(x, target=1)
+    assert torch.equal(ours, captum_attr.LayerGradCam(forward, model.conv).attribute(x, target=1))
+    with pytest.raises(LayerResolutionError, match="needs the model as an nn.Module"):
+        graph_attr.LayerGradCam(forward, "conv")
+
+
+def test_a_layer_that_depends_on_parameters_only_gets_gradients_on_the_working_copy():
+    """An embedding of integer ids: its output requires grad through its weight alone (Captum's hooks need that)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).eval()
+    ids = torch.randint(0, 10, (3, 3))
+    for method, call in [("LayerGradCam", dict(target=1)), ("LayerIntegratedGradients", dict(target=1, n_steps=5))]:
+        with untouched(model):
+            ours = getattr(graph_attr, method)(model, model[0]).attribute(ids, **call)
+        assert torch.equal(ours, getattr(captum_attr, method)(model, model[0]).attribute(ids, **call)), method
