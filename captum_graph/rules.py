@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
+import sympy
 import torch
 import torch.fx as fx
 from captum.attr._utils.custom_modules import Addition_Module
@@ -40,8 +41,13 @@ __all__ = [
     "register_rule",
     "Preset",
     "PRESETS",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
     "epsilon_gamma_box",
     "layer_kind",
+    "layer_kinds",
     "RuleAssignment",
     "assign_rules",
 ]
@@ -486,6 +492,41 @@ def layer_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def layer_kinds(node: fx.Node, module: nn.Module) -> Tuple[str, ...]:
+    """The kinds of the layer that ``node`` calls, the most specific first.
+
+    A dense layer applied at every position of a feature map or token sequence
+    (ConvNeXt's pointwise layers, a transformer's MLP and projections: its input
+    has more rows than the batch has examples) is ``("positionwise_linear",
+    "linear")``: a 1x1 convolution in all but name. Otherwise ``(layer_kind,)``.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        return ()
+    if kind == "linear" and _applied_at_every_position(node):
+        return ("positionwise_linear", "linear")
+    return (kind,)
+
+
+def _applied_at_every_position(node: fx.Node) -> bool:
+    value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    batch = next(
+        (p.meta["val"].shape[0] for p in node.graph.find_nodes(op="placeholder") if _is_batched(p.meta.get("val"))), None
+    )
+    if not _is_batched(value) or batch is None:
+        return False
+    rows = sympy.Mul(*(_size_expression(size) for size in value.shape[:-1]))
+    return rows != _size_expression(batch)  # sizes may be symbolic (a dynamic batch): compare expressions
+
+
+def _is_batched(value) -> bool:
+    return isinstance(value, Tensor) and value.dim() >= 2
+
+
+def _size_expression(size) -> "sympy.Expr":
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
 @dataclass(frozen=True)
 class Preset:
     """A composite of rules: which rule each kind of layer gets (see :func:`layer_kind`).
@@ -496,9 +537,9 @@ class Preset:
             kind is in ``first_kinds``.
         conv: the rule of convolutions (modules and functional calls).
         linear: the rule of dense layers.
-        layers: further ``(kind, rule)`` pairs, e.g. ``("addition", ...)``;
-            the first match wins. A kind is a :func:`layer_kind` name or a
-            tuple of module types.
+        layers: further ``(kind, rule)`` pairs, e.g. ``("addition", ...)``,
+            looked at before ``conv`` and ``linear``; the first match wins. A
+            kind is a :func:`layer_kinds` name or a tuple of module types.
         first_kinds: the kinds the first layer is looked for among.
         fold_batch_norm: what ``LRP(..., fold_batch_norm=None)`` does with
             this preset.
@@ -512,33 +553,63 @@ class Preset:
     first_kinds: Tuple[str, ...] = ("conv", "linear")
     fold_batch_norm: bool = False
 
-    def rule_factory(self, module: nn.Module, is_first: bool) -> Optional[Factory]:
-        """The factory of ``module``'s rule under this preset (``None``: the defaults decide)."""
-        kind = layer_kind(module)
+    def rule_factory(self, module: nn.Module, kinds: Sequence[str], is_first: bool) -> Optional[Factory]:
+        """The factory of the rule for ``module`` of these ``kinds`` (:func:`layer_kinds`), ``None``
+        where the defaults decide: ``first``, then ``layers`` in order, then ``conv`` and ``linear``."""
         if is_first and self.first is not None:
             return self.first
-        by_kind = {"conv": self.conv, "linear": self.linear}
-        if by_kind.get(kind) is not None:
-            return by_kind[kind]
         for key, factory in self.layers:
-            if kind == key if isinstance(key, str) else isinstance(module, key):
+            if key in kinds if isinstance(key, str) else isinstance(module, key):
                 return factory
-        return None
+        by_kind = {"conv": self.conv, "linear": self.linear}
+        return next((by_kind[kind] for kind in kinds if by_kind.get(kind) is not None), None)
 
 
-def _zennit_layers(stabilizer: float) -> Tuple[Tuple[str, Factory], ...]:
+def _zennit_layers(stabilizer: float, conv: Factory) -> Tuple[Tuple[str, Factory], ...]:
     """zennit's ``layer_map_base``: its ``Norm`` rule (epsilon as a stabiliser) at sums and average
-    pooling; batch norms pass relevance on (they are folded first, zennit's canonizers)."""
+    pooling; batch norms pass relevance on (they are folded first, zennit's canonizers). Beyond
+    zennit, which matches by module type: position-wise dense layers get the convolution rule."""
     return (
+        ("positionwise_linear", conv),
         ("addition", lambda: EpsilonRule(stabilizer)),
         ("average_pool", lambda: EpsilonRule(stabilizer)),
         ("batch_norm", PassThroughRule),
     )
 
 
-def _composite(name: str, first: Optional[Factory], conv: Factory, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_kinds=("conv", "linear")) -> Preset:
+def _composite(
+    name: str, first: Optional[Factory], conv: Factory, epsilon: float, stabilizer: float, first_kinds=("conv", "linear")
+) -> Preset:
     return Preset(
-        name, first, conv, lambda: EpsilonRule(epsilon), _zennit_layers(stabilizer), first_kinds, fold_batch_norm=True
+        name, first, conv, lambda: EpsilonRule(epsilon), _zennit_layers(stabilizer, conv), first_kinds, fold_batch_norm=True
+    )
+
+
+# The builders below take zennit's arguments: ``epsilon`` for the epsilon rule of dense layers,
+# ``stabilizer`` for every other rule's denominators (and zennit's Norm at sums and pooling).
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+    """zennit's ``EpsilonPlus``: z+ on convolutions, epsilon on dense layers."""
+    return _composite("epsilon-plus", None, lambda: ZPlusRule(stabilizer), epsilon, stabilizer)
+
+
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+    """zennit's ``EpsilonPlusFlat``: flat on the first convolution or dense layer, then as :func:`epsilon_plus`."""
+    return _composite("epsilon-plus-flat", lambda: FlatRule(stabilizer), lambda: ZPlusRule(stabilizer), epsilon, stabilizer)
+
+
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+    """zennit's ``EpsilonAlpha2Beta1``: alpha=2, beta=1 on convolutions, epsilon on dense layers."""
+    return _composite("epsilon-alpha2-beta1", None, lambda: AlphaBetaRule(2.0, 1.0, stabilizer), epsilon, stabilizer)
+
+
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+    """zennit's ``EpsilonAlpha2Beta1Flat``: flat on the first layer, then as :func:`epsilon_alpha2_beta1`."""
+    return _composite(
+        "epsilon-alpha2-beta1-flat",
+        lambda: FlatRule(stabilizer),
+        lambda: AlphaBetaRule(2.0, 1.0, stabilizer),
+        epsilon,
+        stabilizer,
     )
 
 
@@ -573,11 +644,11 @@ def epsilon_gamma_box(
 
 PRESETS: Dict[str, Preset] = {
     "epsilon": Preset("epsilon"),
-    # zennit 0.5.1's composites, equal to them on the models zennit supports (tests/parity)
-    "epsilon-plus": _composite("epsilon-plus", None, ZPlusRule),
-    "epsilon-plus-flat": _composite("epsilon-plus-flat", FlatRule, ZPlusRule),
-    "epsilon-alpha2-beta1": _composite("epsilon-alpha2-beta1", None, AlphaBetaRule),
-    "epsilon-alpha2-beta1-flat": _composite("epsilon-alpha2-beta1-flat", FlatRule, AlphaBetaRule),
+    # zennit 0.5.1's composites with their default arguments, equal to them where zennit runs (tests/parity)
+    "epsilon-plus": epsilon_plus(),
+    "epsilon-plus-flat": epsilon_plus_flat(),
+    "epsilon-alpha2-beta1": epsilon_alpha2_beta1(),
+    "epsilon-alpha2-beta1-flat": epsilon_alpha2_beta1_flat(),
     "epsilon-gamma-box": epsilon_gamma_box(),
 }
 
@@ -717,7 +788,7 @@ def _rule_for(node, module, own, by_name, by_type, preset, is_first) -> Tuple[Op
         if isinstance(module, types):
             return copy.deepcopy(rule), f"rules[{getattr(types, '__name__', types)}]"
     if preset is not None:
-        factory = preset.rule_factory(module, is_first)
+        factory = preset.rule_factory(module, layer_kinds(node, module), is_first)
         if factory is not None:
             return factory(), f"preset {preset.name}"
     for types, factory in _DEFAULT_RULES:
@@ -751,7 +822,7 @@ def _check_names_exist(gm: fx.GraphModule, by_name: Mapping[str, PropagationRule
 def _first_layer(gm: fx.GraphModule, kinds: Sequence[str]) -> Optional[fx.Node]:
     """The first call (in the order the graph runs) of a layer of one of these kinds."""
     for node in gm.graph.find_nodes(op="call_module"):
-        if layer_kind(gm.get_submodule(node.target)) in kinds:
+        if set(layer_kinds(node, gm.get_submodule(node.target))) & set(kinds):
             return node
     return None
 

@@ -868,3 +868,62 @@ def test_signed_gamma_cannot_amplify_relevance_where_the_output_nearly_cancels()
     assert float(ours.abs().sum()) <= (2 + gamma) / gamma * 64
     captums = ref.gamma(layer, x, relevance, gamma=gamma)
     assert float(captums.abs().sum()) > 100 * float(ours.abs().sum())
+
+
+def test_preset_builders_take_zennits_epsilon_and_stabilizer():
+    model = _seeded(ResidualBlockNet)
+    for builder, conv_rule in (
+        (captum_graph.rules.epsilon_plus, ZPlusRule),
+        (captum_graph.rules.epsilon_plus_flat, ZPlusRule),
+        (captum_graph.rules.epsilon_alpha2_beta1, AlphaBetaRule),
+        (captum_graph.rules.epsilon_alpha2_beta1_flat, AlphaBetaRule),
+        (epsilon_gamma_box, GeneralizedGammaRule),
+    ):
+        report = LRP(model, preset=builder(epsilon=0.5, stabilizer=0.25)).rule_report()
+        by_type = {}
+        for entry in report:
+            by_type.setdefault(entry.module_type, []).append(entry.rule)
+        conv2 = _report(LRP(model, preset=builder(epsilon=0.5, stabilizer=0.25)))["conv2"].rule
+        assert type(conv2) is conv_rule and conv2.STABILITY_FACTOR == 0.25, builder
+        assert [rule.STABILITY_FACTOR for rule in by_type["Linear"]] == [0.5]
+        assert {rule.STABILITY_FACTOR for rule in by_type["Addition"] + by_type["AdaptiveAvgPool2d"]} == {0.25}
+        default = builder().name
+        assert [(e.qualname, e.rule_name) for e in LRP(model, preset=default).rule_report()] == [
+            (e.qualname, e.rule_name) for e in LRP(model, preset=builder()).rule_report()
+        ]
+
+
+class TokenNet(nn.Module):
+    """Dense layers at every token, on flattened tokens (nn.MultiheadAttention's output projection), and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.mlp = nn.Linear(8, 8)
+        self.flat = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (N, T, C)
+        tokens = F.relu(self.mlp(tokens))
+        n, t, c = tokens.shape
+        tokens = self.flat(tokens.reshape(n * t, c)).reshape(n, t, c)
+        return self.head(tokens.mean(1))
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["fixed-batch", "dynamic-batch"])
+def test_dense_layers_at_every_position_get_the_convolution_rule(batch):
+    """A dense layer applied to every token is a 1x1 convolution: the presets give it their convolution
+    rule (zennit, matching by module type, gives it epsilon); the head on (N, C) keeps epsilon."""
+    model = _seeded(TokenNet)
+    lrp = LRP(model, preset="epsilon-gamma-box")
+    report = {entry.qualname: entry for entry in lrp.rule_report(_inputs(batch, 3, 4, 4))}
+    assert lrp.prepared(_inputs(batch, 3, 4, 4)).dynamic_batch is (batch > 1)
+    _assert_entry(report["embed"], ZBoxRule, "preset epsilon-gamma-box")
+    for name in ("mlp", "flat"):
+        _assert_entry(report[name], GeneralizedGammaRule, "preset epsilon-gamma-box")
+    _assert_entry(report["head"], EpsilonRule, "preset epsilon-gamma-box")
+    # presets that say nothing of position-wise layers give them their dense-layer rule
+    plain = Preset("plain", linear=lambda: EpsilonRule(0.5))
+    report = {entry.qualname: entry for entry in LRP(model, preset=plain).rule_report(_inputs(batch, 3, 4, 4))}
+    assert all(report[name].rule.STABILITY_FACTOR == 0.5 for name in ("mlp", "flat", "head"))
