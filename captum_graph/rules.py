@@ -162,13 +162,13 @@ class _AffineLayer:
     whose weight and bias are its second and third arguments).
     """
 
-    def __init__(self, module: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+    def __init__(self, module: nn.Module, inputs: Tuple[Tensor, ...], rule: PropagationRule) -> None:
         self.module, self.inputs = module, inputs
         self.functional = isinstance(module, M.LinearFunction)
         if any(isinstance(a, Tensor) and a.requires_grad for a in inputs[1:]):
             raise UnsupportedOperationError(
-                f"{type(self).__name__}: the weight or bias of {module} depends on the input; this rule needs a "
-                "layer whose weight and bias are constants. Give this layer another rule (rules={name: ...})."
+                f"{type(rule).__name__} needs a layer with constant weight and bias, but the weight or bias of "
+                f"{module} depends on the input. Give this layer another rule (rules={{name: EpsilonRule()}})."
             )
 
     @property
@@ -217,16 +217,17 @@ class _SignedRule(ExplicitRule):
     2019, sec. 10.2.2): its share is absorbed, never passed on.
     """
 
+    uses_down = True  # whether the rule needs z_down
+
     def emphasis(self, p: Tensor, positive: bool) -> Tensor:
         raise NotImplementedError
 
-    def ratios(self, relevance: Tensor, z: Callable[[], Tensor], z_up: Tensor, z_down: Optional[Tensor]):
+    def ratios(self, relevance: Tensor, output: Callable[[], Tensor], z_up: Tensor, z_down: Optional[Tensor]):
+        """``(r_up,)`` or ``(r_up, r_down)``; ``output()`` computes the layer's own output ``z``."""
         raise NotImplementedError
 
-    uses_down = True
-
     def relevance(self, module, inputs, relevance):
-        layer = _AffineLayer(module, inputs)
+        layer = _AffineLayer(module, inputs, self)
         x = layer.x.detach()
         up = functools.partial(self.emphasis, positive=True)
         down = functools.partial(self.emphasis, positive=False)
@@ -242,7 +243,7 @@ class _SignedRule(ExplicitRule):
                 if self.uses_down:
                     z_down = z_down + layer(leaves[1], _without_bias(up))
             outputs = (z_up,) if z_down is None else (z_up, z_down)
-            ratios = self.ratios(relevance, lambda: layer(x, _unchanged), z_up.detach(), None if z_down is None else z_down.detach())
+            ratios = self.ratios(relevance, lambda: layer(x, _unchanged), *(z.detach() for z in outputs))
             grads = torch.autograd.grad(outputs, leaves, ratios)
         return layer.result(sum(leaf.detach() * grad for leaf, grad in zip(leaves, grads)))
 
@@ -258,7 +259,7 @@ class AlphaBetaRule(_SignedRule):
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6) -> None:
         if alpha < 0 or beta < 0 or alpha - beta != 1:
-            raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got alpha={alpha}, beta={beta}")
+            raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
         super().__init__(epsilon)
         self.alpha, self.beta = alpha, beta
         self.uses_down = beta != 0
@@ -266,7 +267,7 @@ class AlphaBetaRule(_SignedRule):
     def emphasis(self, p, positive):
         return p.clamp(min=0) if positive else p.clamp(max=0)
 
-    def ratios(self, relevance, z, z_up, z_down):
+    def ratios(self, relevance, output, z_up, z_down=None):
         up = self._ratio(relevance, z_up) * self.alpha if self.alpha != 1 else self._ratio(relevance, z_up)
         return (up,) if z_down is None else (up, self._ratio(relevance, z_down) * -self.beta)
 
@@ -295,8 +296,10 @@ class GeneralizedGammaRule(_SignedRule):
     with weights ``w + gamma w^+`` on positive inputs and ``w + gamma w^-`` on
     negative ones for ``c^up`` (bias ``b + gamma b^+``), the other way round for
     ``c^down`` (bias ``b + gamma b^-``). ``z^up`` and ``z^down`` have the sign
-    of ``z`` and at least its size, so the rule cannot explode where ``z`` is
-    small. Captum's ``GammaRule`` applies ``w + gamma w^+`` whatever the signs.
+    of ``z`` and at least its size, so no denominator vanishes where ``z`` does
+    not, and (bias-free) ``sum |R|`` grows at most ``(2 + gamma) / gamma``
+    times per layer. Captum's ``GammaRule`` divides by ``x (w + gamma w^+) + b``
+    whatever the signs, which can vanish where ``z`` does not.
     """
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
@@ -306,12 +309,12 @@ class GeneralizedGammaRule(_SignedRule):
     def emphasis(self, p, positive):
         return p + self.gamma * (p.clamp(min=0) if positive else p.clamp(max=0))
 
-    def ratios(self, relevance, z, z_up, z_down):
+    def ratios(self, relevance, output, z_up, z_down):
         with torch.no_grad():
-            output = z()
+            z = output()
         return (
-            self._ratio(relevance * (output > 0).to(relevance.dtype), z_up),
-            self._ratio(relevance * (output < 0).to(relevance.dtype), z_down),
+            self._ratio(relevance * (z > 0).to(relevance.dtype), z_up),
+            self._ratio(relevance * (z < 0).to(relevance.dtype), z_down),
         )
 
 
@@ -322,7 +325,7 @@ class FlatRule(ExplicitRule):
     """
 
     def relevance(self, module, inputs, relevance):
-        layer = _AffineLayer(module, inputs)
+        layer = _AffineLayer(module, inputs, self)
         ones = torch.ones_like(layer.x).requires_grad_()
         with torch.enable_grad():
             z = layer(ones, _without_bias(torch.ones_like))
@@ -338,7 +341,7 @@ class WSquareRule(ExplicitRule):
     """
 
     def relevance(self, module, inputs, relevance):
-        layer = _AffineLayer(module, inputs)
+        layer = _AffineLayer(module, inputs, self)
         ones = torch.ones_like(layer.x).requires_grad_()
         with torch.enable_grad():
             z = layer(ones, lambda name, p: p * p)
@@ -359,7 +362,7 @@ class ZBoxRule(ExplicitRule):
         self.low, self.high = low, high
 
     def relevance(self, module, inputs, relevance):
-        layer = _AffineLayer(module, inputs)
+        layer = _AffineLayer(module, inputs, self)
         x = layer.x.detach().requires_grad_()
         low = (torch.zeros_like(x) + self.low).requires_grad_()
         high = (torch.zeros_like(x) + self.high).requires_grad_()
@@ -486,10 +489,8 @@ def layer_kind(module: nn.Module) -> Optional[str]:
         return "addition"
     if not is_torch_layer(module):
         return None
-    for kind, types in (("conv", _CONVS), ("linear", (nn.Linear,)), ("batch_norm", _BATCH_NORMS), ("average_pool", _AVERAGE_POOLS)):
-        if isinstance(module, types):
-            return kind
-    return None
+    kinds = (("conv", _CONVS), ("linear", (nn.Linear,)), ("batch_norm", _BATCH_NORMS), ("average_pool", _AVERAGE_POOLS))
+    return next((kind for kind, types in kinds if isinstance(module, types)), None)
 
 
 def layer_kinds(node: fx.Node, module: nn.Module) -> Tuple[str, ...]:
@@ -510,9 +511,8 @@ def layer_kinds(node: fx.Node, module: nn.Module) -> Tuple[str, ...]:
 
 def _applied_at_every_position(node: fx.Node) -> bool:
     value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
-    batch = next(
-        (p.meta["val"].shape[0] for p in node.graph.find_nodes(op="placeholder") if _is_batched(p.meta.get("val"))), None
-    )
+    inputs = [p.meta.get("val") for p in node.graph.find_nodes(op="placeholder")]
+    batch = next((value.shape[0] for value in inputs if _is_batched(value)), None)
     if not _is_batched(value) or batch is None:
         return False
     rows = sympy.Mul(*(_size_expression(size) for size in value.shape[:-1]))
@@ -571,43 +571,49 @@ def _zennit_layers(stabilizer: float, conv: Factory) -> Tuple[Tuple[str, Factory
     zennit, which matches by module type: position-wise dense layers get the convolution rule."""
     return (
         ("positionwise_linear", conv),
-        ("addition", lambda: EpsilonRule(stabilizer)),
-        ("average_pool", lambda: EpsilonRule(stabilizer)),
+        ("addition", functools.partial(EpsilonRule, stabilizer)),
+        ("average_pool", functools.partial(EpsilonRule, stabilizer)),
         ("batch_norm", PassThroughRule),
     )
 
 
 def _composite(
-    name: str, first: Optional[Factory], conv: Factory, epsilon: float, stabilizer: float, first_kinds=("conv", "linear")
+    name: str,
+    first: Optional[Factory],
+    conv: Factory,
+    epsilon: float,
+    stabilizer: float,
+    first_kinds: Tuple[str, ...] = ("conv", "linear"),
 ) -> Preset:
-    return Preset(
-        name, first, conv, lambda: EpsilonRule(epsilon), _zennit_layers(stabilizer, conv), first_kinds, fold_batch_norm=True
-    )
+    linear = functools.partial(EpsilonRule, epsilon)
+    return Preset(name, first, conv, linear, _zennit_layers(stabilizer, conv), first_kinds, fold_batch_norm=True)
 
 
 # The builders below take zennit's arguments: ``epsilon`` for the epsilon rule of dense layers,
 # ``stabilizer`` for every other rule's denominators (and zennit's Norm at sums and pooling).
 def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
     """zennit's ``EpsilonPlus``: z+ on convolutions, epsilon on dense layers."""
-    return _composite("epsilon-plus", None, lambda: ZPlusRule(stabilizer), epsilon, stabilizer)
+    return _composite("epsilon-plus", None, functools.partial(ZPlusRule, stabilizer), epsilon, stabilizer)
 
 
 def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
     """zennit's ``EpsilonPlusFlat``: flat on the first convolution or dense layer, then as :func:`epsilon_plus`."""
-    return _composite("epsilon-plus-flat", lambda: FlatRule(stabilizer), lambda: ZPlusRule(stabilizer), epsilon, stabilizer)
+    zplus = functools.partial(ZPlusRule, stabilizer)
+    return _composite("epsilon-plus-flat", functools.partial(FlatRule, stabilizer), zplus, epsilon, stabilizer)
 
 
 def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
     """zennit's ``EpsilonAlpha2Beta1``: alpha=2, beta=1 on convolutions, epsilon on dense layers."""
-    return _composite("epsilon-alpha2-beta1", None, lambda: AlphaBetaRule(2.0, 1.0, stabilizer), epsilon, stabilizer)
+    alpha_beta = functools.partial(AlphaBetaRule, 2.0, 1.0, stabilizer)
+    return _composite("epsilon-alpha2-beta1", None, alpha_beta, epsilon, stabilizer)
 
 
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
     """zennit's ``EpsilonAlpha2Beta1Flat``: flat on the first layer, then as :func:`epsilon_alpha2_beta1`."""
     return _composite(
         "epsilon-alpha2-beta1-flat",
-        lambda: FlatRule(stabilizer),
-        lambda: AlphaBetaRule(2.0, 1.0, stabilizer),
+        functools.partial(FlatRule, stabilizer),
+        functools.partial(AlphaBetaRule, 2.0, 1.0, stabilizer),
         epsilon,
         stabilizer,
     )
@@ -620,7 +626,8 @@ def epsilon_gamma_box(
     epsilon: float = 1e-6,
     stabilizer: float = 1e-6,
 ) -> Preset:
-    """zennit's ``EpsilonGammaBox(low, high)``: zB on the first convolution, gamma on the others, epsilon on dense layers.
+    """zennit's ``EpsilonGammaBox(low, high)``: zB on the first convolution, gamma on the others, epsilon on
+    dense layers.
 
     ``low`` and ``high`` bound the input (scalars, or tensors that broadcast
     against it, e.g. ImageNet's normalised 0 and 1 per channel, shaped
@@ -634,8 +641,8 @@ def epsilon_gamma_box(
     """
     return _composite(
         "epsilon-gamma-box",
-        lambda: ZBoxRule(low, high, stabilizer),
-        lambda: GeneralizedGammaRule(gamma, stabilizer),
+        functools.partial(ZBoxRule, low, high, stabilizer),
+        functools.partial(GeneralizedGammaRule, gamma, stabilizer),
         epsilon,
         stabilizer,
         first_kinds=("conv",),  # zennit's first map: convolutions only

@@ -118,3 +118,4 @@ def test_preset_equals_zennit_composite(name, preset):
         f"{name} {preset}: max |captum_graph - zennit| / max |zennit| = {difference:.2e}; relevance sums "
         f"{float(ours.sum()):.6g} vs {float(theirs.sum()):.6g}"
     )
+    print(f"{name} {preset}: max difference / max zennit relevance {difference:.1e}")

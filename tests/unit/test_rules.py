@@ -927,3 +927,16 @@ def test_dense_layers_at_every_position_get_the_convolution_rule(batch):
     plain = Preset("plain", linear=lambda: EpsilonRule(0.5))
     report = {entry.qualname: entry for entry in LRP(model, preset=plain).rule_report(_inputs(batch, 3, 4, 4))}
     assert all(report[name].rule.STABILITY_FACTOR == 0.5 for name in ("mlp", "flat", "head"))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
+def test_presets_leave_the_model_untouched(preset, assert_untouched):
+    """Folding, the explicit rules and their parameter transforms work on private copies only."""
+    model = _seeded(lambda: FunctionalConvNet(True))
+    x = _inputs(2, 3, 6, 6)
+    with assert_untouched(model, (x,)):
+        LRP(model, preset=preset).attribute(x, target=1)
+        captum_graph.attr.LayerLRP(model, "conv3", preset=preset).attribute(x, target=0)
+    model = _seeded(ResidualBlockNet)
+    with assert_untouched(model, (x,)):
+        LRP(model, preset=preset).attribute(x, target=1)
