@@ -360,13 +360,14 @@ def _explainers(model: nn.Module, methods: Sequence[str], preset: Any, layer: Op
 
 
 def _lrp_preset(preset: Optional[str], mean: Sequence[float], std: Sequence[float]) -> Any:
-    """The preset by name; ``epsilon-gamma-box`` bounded by the normalised black and white pixel."""
-    if preset != "epsilon-gamma-box":
-        return preset
-    from .rules import epsilon_gamma_box
+    """The preset by name; ``epsilon-gamma-box`` (and its ``-positionwise`` variant) bounded by the
+    normalised black and white pixel."""
+    from .rules import POSITIONWISE, epsilon_gamma_box
 
+    if preset not in ("epsilon-gamma-box", "epsilon-gamma-box" + POSITIONWISE):
+        return preset
     centre, scale = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
-    return epsilon_gamma_box(-centre / scale, (1 - centre) / scale)
+    return epsilon_gamma_box(-centre / scale, (1 - centre) / scale, positionwise=preset.endswith(POSITIONWISE))
 
 
 def _attribute(method: str, explainer: Any, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -494,7 +495,7 @@ def _folder_explainers(args: argparse.Namespace, methods: Sequence[str], device:
     from .dataset import Explainers
 
     model = _model_on(device, args.model, args.weights, args.num_classes)
-    built = _explainers(model, methods, args.preset, args.layer)
+    built = _explainers(model, methods, _lrp_preset(args.preset, args.mean, args.std), args.layer)
     return Explainers(
         functools.partial(_checked_forward, model, args.size),
         {method: functools.partial(_attribute, method, built[method]) for method in methods},
@@ -842,7 +843,10 @@ def _parser() -> argparse.ArgumentParser:
         help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp; text: lrp or ixg)",
     )
     what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
-    what.add_argument("--preset", default=None, help="LRP rule preset: epsilon (default), epsilon-plus-flat, epsilon-gamma-box")
+    what.add_argument(
+        "--preset", default=None,
+        help=f"LRP rule preset: {preset_names}; epsilon-gamma-box bounds the input by --mean/--std's normalised 0 and 1",
+    )
     what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
     _add_preprocessing_options(explain.add_argument_group("preprocessing"))
     output = explain.add_argument_group("output")

@@ -582,16 +582,20 @@ class Preset:
         return next((by_kind[kind] for kind in kinds if by_kind.get(kind) is not None), None)
 
 
-def _zennit_layers(stabilizer: float, conv: Factory) -> Tuple[Tuple[str, Factory], ...]:
+def _zennit_layers(stabilizer: float, positionwise: Optional[Factory]) -> Tuple[Tuple[str, Factory], ...]:
     """zennit's ``layer_map_base``: its ``Norm`` rule (epsilon as a stabiliser) at sums and average
-    pooling; batch norms pass relevance on (they are folded first, zennit's canonizers). Beyond
-    zennit, which matches by module type: position-wise dense layers get the convolution rule."""
-    return (
-        ("positionwise_linear", conv),
+    pooling; batch norms pass relevance on (they are folded first, zennit's canonizers). With a
+    ``positionwise`` rule, dense layers applied at every position get it (beyond zennit, which
+    matches by module type)."""
+    return (() if positionwise is None else (("positionwise_linear", positionwise),)) + (
         ("addition", functools.partial(EpsilonRule, stabilizer)),
         ("average_pool", functools.partial(EpsilonRule, stabilizer)),
         ("batch_norm", PassThroughRule),
     )
+
+
+#: The suffix of a preset that treats dense layers applied at every position as 1x1 convolutions.
+POSITIONWISE = "-positionwise"
 
 
 def _composite(
@@ -600,32 +604,42 @@ def _composite(
     conv: Factory,
     epsilon: float,
     stabilizer: float,
+    positionwise: bool,
     first_kinds: Tuple[str, ...] = ("conv", "linear"),
 ) -> Preset:
+    """zennit's composite ``name``; with ``positionwise``, the variant whose position-wise dense layers
+    (ConvNeXt's pointwise layers, a transformer's MLP: 1x1 convolutions in all but name) get ``conv``."""
     linear = functools.partial(EpsilonRule, epsilon)
-    return Preset(name, first, conv, linear, _zennit_layers(stabilizer, conv), first_kinds, fold_batch_norm=True)
+    layers = _zennit_layers(stabilizer, conv if positionwise else None)
+    name = name + POSITIONWISE if positionwise else name
+    return Preset(name, first, conv, linear, layers, first_kinds, fold_batch_norm=True)
 
 
 # The builders below take zennit's arguments: ``epsilon`` for the epsilon rule of dense layers,
 # ``stabilizer`` for every other rule's denominators (and zennit's Norm at sums and pooling).
-def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
-    """zennit's ``EpsilonPlus``: z+ on convolutions, epsilon on dense layers."""
-    return _composite("epsilon-plus", None, functools.partial(ZPlusRule, stabilizer), epsilon, stabilizer)
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
+    """zennit's ``EpsilonPlus``: z+ on convolutions, epsilon on dense layers.
+
+    ``positionwise``: z+ also on dense layers applied at every position (the
+    ``-positionwise`` variant; see :data:`POSITIONWISE`).
+    """
+    return _composite("epsilon-plus", None, functools.partial(ZPlusRule, stabilizer), epsilon, stabilizer, positionwise)
 
 
-def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
     """zennit's ``EpsilonPlusFlat``: flat on the first convolution or dense layer, then as :func:`epsilon_plus`."""
     zplus = functools.partial(ZPlusRule, stabilizer)
-    return _composite("epsilon-plus-flat", functools.partial(FlatRule, stabilizer), zplus, epsilon, stabilizer)
+    flat = functools.partial(FlatRule, stabilizer)
+    return _composite("epsilon-plus-flat", flat, zplus, epsilon, stabilizer, positionwise)
 
 
-def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
     """zennit's ``EpsilonAlpha2Beta1``: alpha=2, beta=1 on convolutions, epsilon on dense layers."""
     alpha_beta = functools.partial(AlphaBetaRule, 2.0, 1.0, stabilizer)
-    return _composite("epsilon-alpha2-beta1", None, alpha_beta, epsilon, stabilizer)
+    return _composite("epsilon-alpha2-beta1", None, alpha_beta, epsilon, stabilizer, positionwise)
 
 
-def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Preset:
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
     """zennit's ``EpsilonAlpha2Beta1Flat``: flat on the first layer, then as :func:`epsilon_alpha2_beta1`."""
     return _composite(
         "epsilon-alpha2-beta1-flat",
@@ -633,6 +647,7 @@ def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -
         functools.partial(AlphaBetaRule, 2.0, 1.0, stabilizer),
         epsilon,
         stabilizer,
+        positionwise,
     )
 
 
@@ -642,6 +657,7 @@ def epsilon_gamma_box(
     gamma: float = 0.25,
     epsilon: float = 1e-6,
     stabilizer: float = 1e-6,
+    positionwise: bool = False,
 ) -> Preset:
     """zennit's ``EpsilonGammaBox(low, high)``: zB on the first convolution, gamma on the others, epsilon on
     dense layers.
@@ -662,22 +678,27 @@ def epsilon_gamma_box(
         functools.partial(GeneralizedGammaRule, gamma, stabilizer),
         epsilon,
         stabilizer,
+        positionwise,
         first_kinds=("conv",),  # zennit's first map: convolutions only
     )
 
 
-#: The rule presets by name: ``LRP(model, preset="epsilon-plus-flat")``. They follow zennit's
-#: composites of the same names (Kohlbrenner et al. 2020, "Towards best practice in explaining
-#: neural network decisions with LRP").
-PRESETS: Dict[str, Preset] = {
-    "epsilon": Preset("epsilon"),
-    # zennit 0.5.1's composites with their default arguments, equal to them where zennit runs (tests/parity)
-    "epsilon-plus": epsilon_plus(),
-    "epsilon-plus-flat": epsilon_plus_flat(),
-    "epsilon-alpha2-beta1": epsilon_alpha2_beta1(),
-    "epsilon-alpha2-beta1-flat": epsilon_alpha2_beta1_flat(),
-    "epsilon-gamma-box": epsilon_gamma_box(),
+_ZENNIT_BUILDERS: Dict[str, Callable[..., Preset]] = {
+    "epsilon-plus": epsilon_plus,
+    "epsilon-plus-flat": epsilon_plus_flat,
+    "epsilon-alpha2-beta1": epsilon_alpha2_beta1,
+    "epsilon-alpha2-beta1-flat": epsilon_alpha2_beta1_flat,
+    "epsilon-gamma-box": epsilon_gamma_box,
 }
+
+#: The rule presets by name: ``LRP(model, preset="epsilon-plus-flat")``. Those named after
+#: zennit's composites equal them with their default arguments where zennit runs (tests/parity;
+#: Kohlbrenner et al. 2020, "Towards best practice in explaining neural network decisions with
+#: LRP"); each has a ``-positionwise`` variant that gives a dense layer applied at every position
+#: the convolutions' rule, where zennit, matching by module type, gives it epsilon.
+PRESETS: Dict[str, Preset] = {"epsilon": Preset("epsilon")}
+PRESETS.update({name: build() for name, build in _ZENNIT_BUILDERS.items()})
+PRESETS.update({name + POSITIONWISE: build(positionwise=True) for name, build in _ZENNIT_BUILDERS.items()})
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One member per family, at the zoo tests' input sizes, one image (uniform pixels
 normalised with ImageNet's statistics), explained for its predicted class.
-For each family and each of the five zennit presets:
+For each family and each of the five zennit presets (and, on the families with
+dense layers applied at every position, their ``-positionwise`` variants):
 
 * **Finite**: the maps of the realistic model (every bias drawn, batch-norm
   scales drawn from [0.5, 1.5], statistics calibrated: ``make_meaningful``) and
@@ -40,6 +41,7 @@ The ``epsilon`` preset (Captum's rules, Gradient x Input) is covered by the
 zoo oracles; its maps are not bounded (up to 1000x on ShuffleNet).
 """
 import copy
+import functools
 import gc
 
 import pytest
@@ -49,6 +51,7 @@ from torch import nn
 
 from captum_graph.attr import LRP
 from captum_graph.rules import (
+    POSITIONWISE,
     epsilon_alpha2_beta1,
     epsilon_alpha2_beta1_flat,
     epsilon_gamma_box,
@@ -71,13 +74,19 @@ LOW, HIGH = (-MEAN / STD)[0], ((1 - MEAN) / STD)[0]
 EXACT = dict(epsilon=1e-12, stabilizer=1e-12)
 
 # preset: builder taking zennit's epsilon and stabilizer
-PRESETS = {
+ZENNIT_PRESETS = {
     "epsilon-plus": epsilon_plus,
     "epsilon-plus-flat": epsilon_plus_flat,
     "epsilon-alpha2-beta1": epsilon_alpha2_beta1,
     "epsilon-alpha2-beta1-flat": epsilon_alpha2_beta1_flat,
     "epsilon-gamma-box": lambda **kwargs: epsilon_gamma_box(LOW, HIGH, **kwargs),
 }
+PRESETS = dict(ZENNIT_PRESETS)
+PRESETS.update({
+    name + POSITIONWISE: functools.partial(build, positionwise=True) for name, build in ZENNIT_PRESETS.items()
+})
+#: families with dense layers applied at every position: only there the -positionwise variants differ
+POSITIONWISE_FAMILIES = ("convnext_tiny", "vit_b_16", "swin_t", "maxvit_t")
 _MAXVIT = {
     "input_size": (64, 64), "partition_size": 2, "stem_channels": 64, "block_channels": [64, 128, 256, 512],
     "block_layers": [2, 2, 5, 2], "head_dim": 32, "stochastic_depth_prob": 0.2,
@@ -109,10 +118,14 @@ _ALPHA_BETA_LINEAR_BOTTLENECKS = {
     "regnet_y_400mf": "residual branches without a ReLU",
     "maxvit_t": "MBConv and attention, GELU",
 }
+_ALPHA_BETA_POINTWISE_EPSILON = {
+    "convnext_tiny": "epsilon on its dense pointwise layers hands relevance of both signs to alpha-beta on its "
+    "depthwise convolutions (9e3; its -positionwise variant: 0.8)",
+}
 # preset: {family: why sum |R| / |logit| exceeds BOUND there}
 UNBOUNDED = {
-    "epsilon-alpha2-beta1": _ALPHA_BETA_LINEAR_BOTTLENECKS,
-    "epsilon-alpha2-beta1-flat": _ALPHA_BETA_LINEAR_BOTTLENECKS,
+    "epsilon-alpha2-beta1": {**_ALPHA_BETA_LINEAR_BOTTLENECKS, **_ALPHA_BETA_POINTWISE_EPSILON},
+    "epsilon-alpha2-beta1-flat": {**_ALPHA_BETA_LINEAR_BOTTLENECKS, **_ALPHA_BETA_POINTWISE_EPSILON},
     "epsilon-gamma-box": {"maxvit_t": "gamma on convolutions of a batch norm's centred output"},
 }
 _Z_PLUS_LOSES = {
@@ -136,6 +149,16 @@ NOT_CONSERVED = {
     "epsilon-alpha2-beta1": _ALPHA_BETA_ONE_SIDED,
     "epsilon-alpha2-beta1-flat": _ALPHA_BETA_ONE_SIDED,
 }
+# The -positionwise variants: the same reasons, on the families where they run, but ConvNeXt's
+# alpha-beta explosion, which comes from epsilon on its pointwise layers.
+for _name in ZENNIT_PRESETS:
+    UNBOUNDED[_name + POSITIONWISE] = {
+        family: why for family, why in UNBOUNDED.get(_name, {}).items()
+        if family in POSITIONWISE_FAMILIES and family not in _ALPHA_BETA_POINTWISE_EPSILON
+    }
+    NOT_CONSERVED[_name + POSITIONWISE] = {
+        family: why for family, why in NOT_CONSERVED.get(_name, {}).items() if family in POSITIONWISE_FAMILIES
+    }
 _BUILT = {}  # one family at a time
 
 
@@ -175,12 +198,14 @@ def _explain(model: nn.Module, x: torch.Tensor, preset) -> tuple:
 
 def _params():
     for name, (_, _, slow) in FAMILIES.items():
-        yield pytest.param(name, id=name, marks=[pytest.mark.slow] if slow else [])
+        for preset in PRESETS:
+            if preset.endswith(POSITIONWISE) and name not in POSITIONWISE_FAMILIES:
+                continue  # the same rules as the zennit preset: no dense layer runs at every position
+            yield pytest.param(name, preset, id=f"{name}-{preset}", marks=[pytest.mark.slow] if slow else [])
 
 
-# the preset varies fastest: one family's models serve five tests in a row
-@pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("name", list(_params()))
+# the preset varies fastest: one family's models serve its presets' tests in a row
+@pytest.mark.parametrize("name, preset", list(_params()))
 def test_preset_is_finite_bounded_and_conservative(name, preset):
     model, bias_free, x = _family(name)
 

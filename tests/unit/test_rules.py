@@ -20,6 +20,7 @@ from captum_graph.attr import LRP
 from captum_graph.errors import UnsupportedOperationError
 from captum_graph import modules as M
 from captum_graph.rules import (
+    POSITIONWISE,
     PRESETS,
     AlphaBetaRule,
     FlatRule,
@@ -581,7 +582,9 @@ PRESET_EXPECTATIONS = {
 
 
 def test_every_preset_but_epsilon_is_tested():
-    assert set(PRESETS) == set(PRESET_EXPECTATIONS) | {"epsilon"}
+    """The zennit presets here; their ``-positionwise`` variants in the test after the next."""
+    variants = {name + POSITIONWISE for name in PRESET_EXPECTATIONS}
+    assert set(PRESETS) == set(PRESET_EXPECTATIONS) | variants | {"epsilon"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
@@ -912,21 +915,43 @@ class TokenNet(nn.Module):
 
 
 @pytest.mark.parametrize("batch", [1, 2], ids=["fixed-batch", "dynamic-batch"])
-def test_dense_layers_at_every_position_get_the_convolution_rule(batch):
-    """A dense layer applied to every token is a 1x1 convolution: the presets give it their convolution
-    rule (zennit, matching by module type, gives it epsilon); the head on (N, C) keeps epsilon."""
+def test_positionwise_presets_give_dense_layers_at_every_position_the_convolution_rule(batch):
+    """A dense layer applied to every token is a 1x1 convolution: the ``-positionwise`` presets give it their
+    convolution rule; the zennit-equal presets, like zennit (matching by module type), give it epsilon.
+    The head on (N, C) keeps epsilon under both."""
     model = _seeded(TokenNet)
-    lrp = LRP(model, preset="epsilon-gamma-box")
+    lrp = LRP(model, preset="epsilon-gamma-box-positionwise")
     report = {entry.qualname: entry for entry in lrp.rule_report(_inputs(batch, 3, 4, 4))}
     assert lrp.prepared(_inputs(batch, 3, 4, 4)).dynamic_batch is (batch > 1)
-    _assert_entry(report["embed"], ZBoxRule, "preset epsilon-gamma-box")
+    _assert_entry(report["embed"], ZBoxRule, "preset epsilon-gamma-box-positionwise")
     for name in ("mlp", "flat"):
-        _assert_entry(report[name], GeneralizedGammaRule, "preset epsilon-gamma-box")
-    _assert_entry(report["head"], EpsilonRule, "preset epsilon-gamma-box")
+        _assert_entry(report[name], GeneralizedGammaRule, "preset epsilon-gamma-box-positionwise")
+    _assert_entry(report["head"], EpsilonRule, "preset epsilon-gamma-box-positionwise")
+    zennit_like = {entry.qualname: entry for entry in LRP(model, preset="epsilon-gamma-box").rule_report(_inputs(batch, 3, 4, 4))}
+    _assert_entry(zennit_like["embed"], ZBoxRule, "preset epsilon-gamma-box")
+    for name in ("mlp", "flat", "head"):
+        _assert_entry(zennit_like[name], EpsilonRule, "preset epsilon-gamma-box")
     # presets that say nothing of position-wise layers give them their dense-layer rule
     plain = Preset("plain", linear=lambda: EpsilonRule(0.5))
     report = {entry.qualname: entry for entry in LRP(model, preset=plain).rule_report(_inputs(batch, 3, 4, 4))}
     assert all(report[name].rule.STABILITY_FACTOR == 0.5 for name in ("mlp", "flat", "head"))
+
+
+def test_every_zennit_preset_has_a_positionwise_variant_that_differs_only_there():
+    zennit = [name for name in PRESETS if name != "epsilon" and not name.endswith(POSITIONWISE)]
+    assert len(zennit) == 5
+    for name in zennit:
+        base, variant = PRESETS[name], PRESETS[name + POSITIONWISE]
+        assert variant.name == name + POSITIONWISE
+        assert [kind for kind, _ in variant.layers] == ["positionwise_linear"] + [kind for kind, _ in base.layers]
+        assert variant.first_kinds == base.first_kinds
+        for ours, theirs in ((variant.first, base.first), (variant.conv, base.conv), (variant.linear, base.linear)):
+            assert _factory_key(ours) == _factory_key(theirs)
+
+
+def _factory_key(factory):
+    """What a rule factory (a ``functools.partial`` or ``None``) builds, comparable across builds."""
+    return None if factory is None else (factory.func, factory.args, tuple(sorted(factory.keywords.items())))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
