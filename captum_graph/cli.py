@@ -360,14 +360,13 @@ def _explainers(model: nn.Module, methods: Sequence[str], preset: Any, layer: Op
 
 
 def _lrp_preset(preset: Optional[str], mean: Sequence[float], std: Sequence[float]) -> Any:
-    """The preset by name; ``epsilon-gamma-box`` (and its ``-positionwise`` variant) bounded by the
-    normalised black and white pixel."""
-    from .rules import POSITIONWISE, epsilon_gamma_box
+    """The preset by name; a box rule (``epsilon-gamma-box``) bounded by the normalised black and white pixel."""
+    if preset is None:
+        return None
+    from .rules import with_input_bounds
 
-    if preset not in ("epsilon-gamma-box", "epsilon-gamma-box" + POSITIONWISE):
-        return preset
     centre, scale = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
-    return epsilon_gamma_box(-centre / scale, (1 - centre) / scale, positionwise=preset.endswith(POSITIONWISE))
+    return with_input_bounds(preset, -centre / scale, (1 - centre) / scale)
 
 
 def _attribute(method: str, explainer: Any, inputs: Tensor, targets: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ operation's own gradient, for concatenations and reshapes). Presets
 (:data:`PRESETS`) are zennit's composites: a rule per kind of layer.
 """
 import copy
+import dataclasses
 import difflib
 import functools
 from collections import defaultdict
@@ -46,6 +47,8 @@ __all__ = [
     "epsilon_alpha2_beta1",
     "epsilon_alpha2_beta1_flat",
     "epsilon_gamma_box",
+    "with_input_bounds",
+    "POSITIONWISE",
     "layer_kind",
     "layer_kinds",
     "RuleAssignment",
@@ -681,6 +684,21 @@ def epsilon_gamma_box(
         positionwise,
         first_kinds=("conv",),  # zennit's first map: convolutions only
     )
+
+
+def with_input_bounds(preset: Union[str, Preset], low: Union[float, Tensor], high: Union[float, Tensor]) -> Preset:
+    """``preset`` (a name or a :class:`Preset`) with its zB first-layer rule bounded by ``low`` and ``high``.
+
+    The box rule needs the input's range (``epsilon-gamma-box`` assumes
+    [-3, 3]); presets without one are returned as they are. ``low`` and
+    ``high`` are scalars or tensors that broadcast against the input, e.g.
+    ``-mean / std`` and ``(1 - mean) / std`` per channel for normalised images.
+    """
+    preset = _preset(preset)
+    first = preset.first
+    if not (isinstance(first, functools.partial) and first.func is ZBoxRule):
+        return preset
+    return dataclasses.replace(preset, first=functools.partial(ZBoxRule, low, high, *first.args[2:], **first.keywords))
 
 
 _ZENNIT_BUILDERS: Dict[str, Callable[..., Preset]] = {

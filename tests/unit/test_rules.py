@@ -965,3 +965,16 @@ def test_presets_leave_the_model_untouched(preset, assert_untouched):
     model = _seeded(ResidualBlockNet)
     with assert_untouched(model, (x,)):
         LRP(model, preset=preset).attribute(x, target=1)
+
+
+def test_with_input_bounds_bounds_the_box_rule_and_leaves_other_presets_alone():
+    from captum_graph.rules import with_input_bounds
+
+    low, high = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
+    for name in ("epsilon-gamma-box", "epsilon-gamma-box" + POSITIONWISE):
+        bounded = with_input_bounds(name, low, high)
+        rule = bounded.first()
+        assert isinstance(rule, ZBoxRule) and rule.low is low and rule.high is high
+        assert bounded.name == name and bounded.layers == PRESETS[name].layers
+        assert rule.STABILITY_FACTOR == PRESETS[name].first().STABILITY_FACTOR
+    assert with_input_bounds("epsilon-plus-flat", low, high) is PRESETS["epsilon-plus-flat"]
