@@ -342,7 +342,7 @@ class _Progress:
             self.bar.close()
 
 
-def _explainers(model: nn.Module, methods: Sequence[str], preset: Optional[str], layer: Optional[str]) -> Dict[str, Any]:
+def _explainers(model: nn.Module, methods: Sequence[str], preset: Any, layer: Optional[str]) -> Dict[str, Any]:
     from captum.attr import InputXGradient
 
     from .attr import LRP, LayerGradCam
@@ -357,6 +357,16 @@ def _explainers(model: nn.Module, methods: Sequence[str], preset: Optional[str],
     if "ixg" in methods:
         built["ixg"] = InputXGradient(model)
     return built
+
+
+def _lrp_preset(preset: Optional[str], mean: Sequence[float], std: Sequence[float]) -> Any:
+    """The preset by name; a box rule (``epsilon-gamma-box``) bounded by the normalised black and white pixel."""
+    if preset is None:
+        return None
+    from .rules import with_input_bounds
+
+    centre, scale = torch.tensor(mean).reshape(-1, 1, 1), torch.tensor(std).reshape(-1, 1, 1)
+    return with_input_bounds(preset, -centre / scale, (1 - centre) / scale)
 
 
 def _attribute(method: str, explainer: Any, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -397,7 +407,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.weights:
         load_weights(model, args.weights)
     model.eval()
-    explainers = _explainers(model, methods, args.preset, args.layer)
+    explainers = _explainers(model, methods, _lrp_preset(args.preset, args.mean, args.std), args.layer)
     names = _output_names(args.image)
     batches = list(_batches(list(range(len(args.image))), args.batch_size))
     progress = _Progress(len(args.image), len(batches))
@@ -484,7 +494,7 @@ def _folder_explainers(args: argparse.Namespace, methods: Sequence[str], device:
     from .dataset import Explainers
 
     model = _model_on(device, args.model, args.weights, args.num_classes)
-    built = _explainers(model, methods, args.preset, args.layer)
+    built = _explainers(model, methods, _lrp_preset(args.preset, args.mean, args.std), args.layer)
     return Explainers(
         functools.partial(_checked_forward, model, args.size),
         {method: functools.partial(_attribute, method, built[method]) for method in methods},
@@ -774,6 +784,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .rules import PRESETS
+
+    preset_names = ", ".join(PRESETS) + " (default: epsilon)"
     from .demo import add_arguments as add_demo_arguments
 
     parser = _Parser(
@@ -803,7 +816,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     inspect.add_argument("--weights", metavar="FILE", help="state_dict to load (torch.load with weights_only=True)")
-    inspect.add_argument("--preset", default=None, help="rule preset: epsilon, epsilon-plus-flat, epsilon-gamma-box")
+    inspect.add_argument("--preset", default=None, help=f"rule preset: {preset_names} (README: Choosing a preset)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--all", action="store_true", help="list the rule of every node")
     inspect.set_defaults(run=_inspect)
@@ -829,7 +842,10 @@ def _parser() -> argparse.ArgumentParser:
         help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp; text: lrp or ixg)",
     )
     what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
-    what.add_argument("--preset", default=None, help="LRP rule preset: epsilon (default), epsilon-plus-flat, epsilon-gamma-box")
+    what.add_argument(
+        "--preset", default=None,
+        help=f"LRP rule preset: {preset_names}; epsilon-gamma-box bounds the input by --mean/--std's normalised 0 and 1",
+    )
     what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
     _add_preprocessing_options(explain.add_argument_group("preprocessing"))
     output = explain.add_argument_group("output")
@@ -857,7 +873,10 @@ def _parser() -> argparse.ArgumentParser:
         help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp)",
     )
     what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
-    what.add_argument("--preset", default=None, help="LRP rule preset: epsilon (default), epsilon-plus-flat, epsilon-gamma-box")
+    what.add_argument(
+        "--preset", default=None,
+        help=f"LRP rule preset: {preset_names}; epsilon-gamma-box bounds the input by --mean/--std's normalised 0 and 1",
+    )
     what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
     _add_preprocessing_options(attribute.add_argument_group("preprocessing"))
     _add_folder_run_options(attribute, out_option=True)

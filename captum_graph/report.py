@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .errors import CaptumGraphError
 from .prepare import prepare
-from .rules import UniformSplitRule, assign_rules
+from .rules import UniformSplitRule, assign_rules, preset_folds_batch_norm
 
 __all__ = ["model_report", "format_report", "branch_relevance"]
 
@@ -20,7 +20,7 @@ def model_report(model: nn.Module, preset: Optional[str] = None, inputs: Optiona
     default an example image). Never raises for an unsupported operation: such
     nodes are listed under ``"unsupported"`` with the reason and source line.
     """
-    prepared = prepare(model, inputs)
+    prepared = prepare(model, inputs, preset_folds_batch_norm(preset))  # as LRP(model, preset=preset) does
     gm = prepared.graph_module
     assignments = assign_rules(gm, preset=preset, origins=prepared.origins)
     architecture = prepared.architecture()

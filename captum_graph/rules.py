@@ -1,44 +1,62 @@
 """Which relevance rule every module of a rewritten graph gets.
 
 Rules are Captum ``PropagationRule`` objects. Besides Captum's Epsilon, Gamma,
-Alpha1_Beta0 and Identity rules this module adds the rules Captum lacks (Flat,
-ZPlus, ZBox) and two markers: :class:`PassThroughRule` (relevance passes
-unchanged, for elementwise activations) and :class:`MoveRule` (relevance is
-moved by the operation's own gradient, for concatenations and reshapes).
+Alpha1_Beta0 and Identity rules this module adds the rules Captum lacks, as
+zennit defines them (ZPlus, AlphaBeta, generalised Gamma, Flat, WSquare, ZBox),
+and two markers: :class:`PassThroughRule` (relevance passes unchanged, for
+elementwise activations) and :class:`MoveRule` (relevance is moved by the
+operation's own gradient, for concatenations and reshapes). Presets
+(:data:`PRESETS`) are zennit's composites: a rule per kind of layer.
 """
 import copy
+import dataclasses
 import difflib
 import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
+import sympy
 import torch
 import torch.fx as fx
 from captum.attr._utils.custom_modules import Addition_Module
-from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, PropagationRule
+from captum.attr._utils.lrp_rules import EpsilonRule, PropagationRule
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import modules as M
 from .errors import UnsupportedOperationError, describe_node
-from .passes import moves_data, relevance_carrying_nodes, view_base
+from .passes import is_torch_layer, moves_data, relevance_carrying_nodes, view_base
 
 __all__ = [
     "PassThroughRule",
     "MoveRule",
     "FlatRule",
     "ZPlusRule",
+    "AlphaBetaRule",
+    "GeneralizedGammaRule",
+    "WSquareRule",
     "ZBoxRule",
     "UniformSplitRule",
     "ConstantRule",
     "register_rule",
+    "Preset",
     "PRESETS",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_gamma_box",
+    "with_input_bounds",
+    "POSITIONWISE",
+    "layer_kind",
+    "layer_kinds",
     "RuleAssignment",
     "assign_rules",
 ]
 
 RuleKey = Union[str, Type[nn.Module], Tuple[Type[nn.Module], ...]]
+aten = torch.ops.aten
 
 
 class PassThroughRule(PropagationRule):
@@ -147,27 +165,177 @@ def _is_bias(name: str) -> bool:
     return name.rsplit(".", 1)[-1] == "bias"
 
 
-class ZPlusRule(ExplicitRule):
-    """z+ rule (Montavon et al. 2017, eq. 6): only positive contributions count.
+# Functional layers whose arguments are (input, weight, bias, ...): timm's Conv2dSame, StdConv2d, F.linear.
+_CONVOLUTION_FUNCTIONS = frozenset({
+    aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+    aten.convolution,
+})
+_LINEAR_FUNCTIONS = frozenset({aten.linear})
+Transform = Callable[[str, Tensor], Tensor]
 
-    ``R_i = sum_j (x_i^+ w_ij^+ + x_i^- w_ij^-) / z_j^+ R_j``, biases ignored.
+
+class _AffineLayer:
+    """A layer affine in its first input, evaluated with transformed weight and bias.
+
+    A torch module (its parameters are transformed) or a functional
+    convolution or linear layer (:class:`~captum_graph.modules.LinearFunction`,
+    whose weight and bias are its second and third arguments).
     """
 
-    def relevance(self, module, inputs, relevance):
-        x = inputs[0].detach()
-        if not bool((x < 0).any()):  # e.g. after a ReLU: the x^- w^- half is zero, skip computing it
-            pos = x.requires_grad_()
-            with torch.enable_grad():
-                z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), pos)
-                (g_pos,) = torch.autograd.grad(z, pos, self._ratio(relevance, z))
-            return (pos * g_pos,)
-        pos, neg = x.clamp(min=0).requires_grad_(), x.clamp(max=0).requires_grad_()
-        with torch.enable_grad():
-            z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), pos) + _call_with(
-                module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(max=0), neg
+    def __init__(self, module: nn.Module, inputs: Tuple[Tensor, ...], rule: PropagationRule) -> None:
+        self.module, self.inputs = module, inputs
+        self.functional = isinstance(module, M.LinearFunction)
+        if any(isinstance(a, Tensor) and a.requires_grad for a in inputs[1:]):
+            raise UnsupportedOperationError(
+                f"{type(rule).__name__} needs a layer with constant weight and bias, but the weight or bias of "
+                f"{module} depends on the input. Give this layer another rule (rules={{name: EpsilonRule()}})."
             )
-            g_pos, g_neg = torch.autograd.grad(z, (pos, neg), self._ratio(relevance, z))
-        return (pos * g_pos + neg * g_neg,)
+
+    @property
+    def x(self) -> Tensor:
+        return self.inputs[0]
+
+    def __call__(self, x: Tensor, transform: Transform) -> Tensor:
+        if not self.functional:
+            return _call_with(self.module, transform, x)
+        args = list(self.inputs)
+        args[0] = x
+        for position, name in ((1, "weight"), (2, "bias")):
+            if position < len(args) and isinstance(args[position], Tensor):
+                args[position] = transform(name, args[position])
+        return self.module(*args)
+
+    def result(self, relevance: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """The input relevance, aligned with the module's arguments (weight and bias get none)."""
+        return (relevance,) + (None,) * (len(self.inputs) - 1)
+
+
+def _unchanged(name: str, p: Tensor) -> Tensor:
+    return p
+
+
+def _without_bias(emphasis: Callable[[Tensor], Tensor]) -> Transform:
+    return lambda name, p: torch.zeros_like(p) if _is_bias(name) else emphasis(p)
+
+
+def _with_bias(emphasis: Callable[[Tensor], Tensor]) -> Transform:
+    return lambda name, p: emphasis(p)
+
+
+class _SignedRule(ExplicitRule):
+    """Rules that treat positive and negative contributions apart (z+, alpha-beta, gamma).
+
+    With ``up(p) = emphasis(p, +)`` and ``down(p) = emphasis(p, -)`` applied to
+    weights and bias, two outputs are formed as zennit forms them::
+
+        z_up   = L(x+; up(w), up(b))   + L(x-; down(w), 0)    (positive contributions)
+        z_down = L(x+; down(w), down(b)) + L(x-; up(w), 0)    (negative contributions)
+
+    and each input gets ``x+ * (dz_up/dx+ . r_up + dz_down/dx+ . r_down)`` plus
+    the same for ``x-``, where :meth:`ratios` gives ``r_up, r_down`` from the
+    output relevance. The bias is a neuron of constant input 1 (Montavon et al.
+    2019, sec. 10.2.2): its share is absorbed, never passed on.
+    """
+
+    uses_down = True  # whether the rule needs z_down
+
+    def emphasis(self, p: Tensor, positive: bool) -> Tensor:
+        raise NotImplementedError
+
+    def ratios(self, relevance: Tensor, output: Callable[[], Tensor], z_up: Tensor, z_down: Optional[Tensor]):
+        """``(r_up,)`` or ``(r_up, r_down)``; ``output()`` computes the layer's own output ``z``."""
+        raise NotImplementedError
+
+    def relevance(self, module, inputs, relevance):
+        layer = _AffineLayer(module, inputs, self)
+        x = layer.x.detach()
+        up = functools.partial(self.emphasis, positive=True)
+        down = functools.partial(self.emphasis, positive=False)
+        leaves = [x.clamp(min=0).requires_grad_()]
+        has_negative = bool((x < 0).any())  # after a ReLU the x- halves are zero: skip them
+        if has_negative:
+            leaves.append(x.clamp(max=0).requires_grad_())
+        with torch.enable_grad():
+            z_up = layer(leaves[0], _with_bias(up))
+            z_down = layer(leaves[0], _with_bias(down)) if self.uses_down else None
+            if has_negative:
+                z_up = z_up + layer(leaves[1], _without_bias(down))
+                if self.uses_down:
+                    z_down = z_down + layer(leaves[1], _without_bias(up))
+            outputs = (z_up,) if z_down is None else (z_up, z_down)
+            ratios = self.ratios(relevance, lambda: layer(x, _unchanged), *(z.detach() for z in outputs))
+            grads = torch.autograd.grad(outputs, leaves, ratios)
+        return layer.result(sum(leaf.detach() * grad for leaf, grad in zip(leaves, grads)))
+
+
+class AlphaBetaRule(_SignedRule):
+    """Alpha-beta rule (Bach et al. 2015) as zennit's ``AlphaBeta``: ``alpha - beta = 1``.
+
+    ``R_i = sum_j (alpha c_ij^+ / z_j^+ - beta c_ij^- / z_j^-) R_j`` with
+    ``c^+ = x^+ w^+ + x^- w^-`` (and ``b^+`` in ``z^+``), ``c^- = x^+ w^- + x^- w^+``
+    (and ``b^-`` in ``z^-``). Conserves relevance only where both halves are
+    present: an output with no negative contribution passes on ``alpha R``.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6) -> None:
+        if alpha < 0 or beta < 0 or alpha - beta != 1:
+            raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
+        super().__init__(epsilon)
+        self.alpha, self.beta = alpha, beta
+        self.uses_down = beta != 0
+
+    def emphasis(self, p, positive):
+        return p.clamp(min=0) if positive else p.clamp(max=0)
+
+    def ratios(self, relevance, output, z_up, z_down=None):
+        up = self._ratio(relevance, z_up) * self.alpha if self.alpha != 1 else self._ratio(relevance, z_up)
+        return (up,) if z_down is None else (up, self._ratio(relevance, z_down) * -self.beta)
+
+
+class ZPlusRule(AlphaBetaRule):
+    """z+ rule (Montavon et al. 2017, eq. 6; zennit's ``ZPlus``): alpha-beta with alpha=1, beta=0.
+
+    ``R_i = sum_j (x_i^+ w_ij^+ + x_i^- w_ij^-) / z_j^+ R_j``, where ``z_j^+``
+    also holds the positive part of the bias (which absorbs its share).
+    Not Captum's ``Alpha1_Beta0_Rule``, which keeps the whole bias and
+    applies ``w^+`` to negative inputs as well.
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(1.0, 0.0, epsilon)
+
+
+class GeneralizedGammaRule(_SignedRule):
+    """Gamma rule (Montavon et al. 2019, eq. 4) for inputs of any sign, as zennit's ``Gamma``.
+
+    Positive contributions are strengthened by ``gamma`` where the output
+    ``z_j`` is positive, negative ones where it is negative (Andeol et al. 2021)::
+
+        R_i = sum_j [z_j > 0] c_ij^up / z_j^up R_j + [z_j < 0] c_ij^down / z_j^down R_j
+
+    with weights ``w + gamma w^+`` on positive inputs and ``w + gamma w^-`` on
+    negative ones for ``c^up`` (bias ``b + gamma b^+``), the other way round for
+    ``c^down`` (bias ``b + gamma b^-``). ``z^up`` and ``z^down`` have the sign
+    of ``z`` and at least its size, so no denominator vanishes where ``z`` does
+    not, and (bias-free) ``sum |R|`` grows at most ``(2 + gamma) / gamma``
+    times per layer. Captum's ``GammaRule`` divides by ``x (w + gamma w^+) + b``
+    whatever the signs, which can vanish where ``z`` does not.
+    """
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon)
+        self.gamma = gamma
+
+    def emphasis(self, p, positive):
+        return p + self.gamma * (p.clamp(min=0) if positive else p.clamp(max=0))
+
+    def ratios(self, relevance, output, z_up, z_down):
+        with torch.no_grad():
+            z = output()
+        return (
+            self._ratio(relevance * (z > 0).to(relevance.dtype), z_up),
+            self._ratio(relevance * (z < 0).to(relevance.dtype), z_down),
+        )
 
 
 class FlatRule(ExplicitRule):
@@ -177,18 +345,36 @@ class FlatRule(ExplicitRule):
     """
 
     def relevance(self, module, inputs, relevance):
-        ones = torch.ones_like(inputs[0]).requires_grad_()
+        layer = _AffineLayer(module, inputs, self)
+        ones = torch.ones_like(layer.x).requires_grad_()
         with torch.enable_grad():
-            z = _call_with(module, lambda n, p: p * 0 if _is_bias(n) else torch.ones_like(p), ones)
+            z = layer(ones, _without_bias(torch.ones_like))
             (grad,) = torch.autograd.grad(z, ones, self._ratio(relevance, z))
-        return (grad,)
+        return layer.result(grad)
+
+
+class WSquareRule(ExplicitRule):
+    """w^2 rule (Montavon et al. 2017, eq. 8; zennit's ``WSquare``) for unbounded inputs.
+
+    ``R_i = sum_j w_ij^2 / (sum_i' w_i'j^2 + b_j^2) R_j``: the input values do
+    not matter; as in zennit, the squared bias absorbs its share.
+    """
+
+    def relevance(self, module, inputs, relevance):
+        layer = _AffineLayer(module, inputs, self)
+        ones = torch.ones_like(layer.x).requires_grad_()
+        with torch.enable_grad():
+            z = layer(ones, lambda name, p: p * p)
+            (grad,) = torch.autograd.grad(z, ones, self._ratio(relevance, z))
+        return layer.result(grad)
 
 
 class ZBoxRule(ExplicitRule):
     """zB rule (Montavon et al. 2017, eq. 7) for inputs bounded by ``[low, high]``.
 
     ``R_i = sum_j (x_i w_ij - l_i w_ij^+ - h_i w_ij^-) / z_j R_j`` where ``z_j``
-    sums the numerators (no bias).
+    sums the numerators (the bias cancels, as in zennit's ``ZBox``). ``low``
+    and ``high`` broadcast against the input (``(3, 1, 1)`` per channel).
     """
 
     def __init__(self, low: Union[float, Tensor], high: Union[float, Tensor], epsilon: float = 1e-6) -> None:
@@ -196,17 +382,18 @@ class ZBoxRule(ExplicitRule):
         self.low, self.high = low, high
 
     def relevance(self, module, inputs, relevance):
-        x = inputs[0].detach().requires_grad_()
+        layer = _AffineLayer(module, inputs, self)
+        x = layer.x.detach().requires_grad_()
         low = (torch.zeros_like(x) + self.low).requires_grad_()
         high = (torch.zeros_like(x) + self.high).requires_grad_()
         with torch.enable_grad():
             z = (
-                _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p, x)
-                - _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(min=0), low)
-                - _call_with(module, lambda n, p: p * 0 if _is_bias(n) else p.clamp(max=0), high)
+                layer(x, _without_bias(lambda p: p))
+                - layer(low, _without_bias(lambda p: p.clamp(min=0)))
+                - layer(high, _without_bias(lambda p: p.clamp(max=0)))
             )
             grads = torch.autograd.grad(z, (x, low, high), self._ratio(relevance, z))
-        return (x * grads[0] + low * grads[1] + high * grads[2],)
+        return layer.result(x * grads[0] + low * grads[1] + high * grads[2])
 
 
 class UniformSplitRule(ExplicitRule):
@@ -286,31 +473,250 @@ def _factory(rule: Union[PropagationRule, Callable[[], PropagationRule]]) -> Cal
 
 
 # ---------------------------------------------------------------------------
-# presets: (first layer rule, conv rule, linear rule)
+# presets: zennit's composites, as layer maps over kinds of layers
 # ---------------------------------------------------------------------------
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_AVERAGE_POOLS = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+_AVERAGE_FUNCTIONS = frozenset({
+    aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d,
+    aten.adaptive_avg_pool3d, aten.mean, aten.sum,
+})
+Factory = Callable[[], PropagationRule]
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    """The kind of layer a preset assigns rules by, whether a torch module or a functional call.
+
+    ``"conv"`` (convolutions, transposed too), ``"linear"``, ``"batch_norm"``,
+    ``"average_pool"`` (average and adaptive average pooling, means and sums),
+    ``"addition"`` (additions and subtractions), or ``None``. A subclass of a
+    torch layer with a ``forward`` of its own is captured through its
+    operations, so timm's ``Conv2dSame`` and ``StdConv2d`` are ``"conv"`` calls.
+    """
+    if isinstance(module, M.LinearFunction):
+        op = getattr(module.fn, "overloadpacket", module.fn)
+        if op in _CONVOLUTION_FUNCTIONS:
+            return "conv"
+        if op in _LINEAR_FUNCTIONS:
+            return "linear"
+        if op is aten.batch_norm:
+            return "batch_norm"
+        return "average_pool" if op in _AVERAGE_FUNCTIONS else None
+    if isinstance(module, (Addition_Module, M.Subtraction)):
+        return "addition"
+    if not is_torch_layer(module):
+        return None
+    kinds = (("conv", _CONVS), ("linear", (nn.Linear,)), ("batch_norm", _BATCH_NORMS), ("average_pool", _AVERAGE_POOLS))
+    return next((kind for kind, types in kinds if isinstance(module, types)), None)
+
+
+def layer_kinds(node: fx.Node, module: nn.Module) -> Tuple[str, ...]:
+    """The kinds of the layer that ``node`` calls, the most specific first.
+
+    A dense layer applied at every position of a feature map or token sequence
+    (ConvNeXt's pointwise layers, a transformer's MLP and projections: its input
+    has more rows than the batch has examples) is ``("positionwise_linear",
+    "linear")``: a 1x1 convolution in all but name. Otherwise ``(layer_kind,)``.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        return ()
+    if kind == "linear" and _applied_at_every_position(node):
+        return ("positionwise_linear", "linear")
+    return (kind,)
+
+
+def _applied_at_every_position(node: fx.Node) -> bool:
+    value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    inputs = [p.meta.get("val") for p in node.graph.find_nodes(op="placeholder")]
+    batch = next((value.shape[0] for value in inputs if _is_batched(value)), None)
+    if not _is_batched(value) or batch is None:
+        return False
+    rows = sympy.Mul(*(_size_expression(size) for size in value.shape[:-1]))
+    return rows != _size_expression(batch)  # sizes may be symbolic (a dynamic batch): compare expressions
+
+
+def _is_batched(value) -> bool:
+    return isinstance(value, Tensor) and value.dim() >= 2
+
+
+def _size_expression(size) -> "sympy.Expr":
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A composite of rules: one for the first layer, one for convolutions, one for dense layers."""
+    """A composite of rules: which rule each kind of layer gets (see :func:`layer_kind`).
+
+    Attributes:
+        name: shown in rule reports (``preset epsilon-plus-flat``).
+        first: the rule of the first layer, in the order the graph runs, whose
+            kind is in ``first_kinds``.
+        conv: the rule of convolutions (modules and functional calls).
+        linear: the rule of dense layers.
+        layers: further ``(kind, rule)`` pairs, e.g. ``("addition", ...)``,
+            looked at before ``conv`` and ``linear``; the first match wins. A
+            kind is a :func:`layer_kinds` name or a tuple of module types.
+        first_kinds: the kinds the first layer is looked for among.
+        fold_batch_norm: what ``LRP(..., fold_batch_norm=None)`` does with
+            this preset.
+    """
 
     name: str
-    first: Optional[Callable[[], PropagationRule]]
-    conv: Optional[Callable[[], PropagationRule]]
-    linear: Optional[Callable[[], PropagationRule]]
+    first: Optional[Factory] = None
+    conv: Optional[Factory] = None
+    linear: Optional[Factory] = None
+    layers: Tuple[Tuple[Union[str, Tuple[type, ...]], Factory], ...] = ()
+    first_kinds: Tuple[str, ...] = ("conv", "linear")
+    fold_batch_norm: bool = False
+
+    def rule_factory(self, module: nn.Module, kinds: Sequence[str], is_first: bool) -> Optional[Factory]:
+        """The factory of the rule for ``module`` of these ``kinds`` (:func:`layer_kinds`), ``None``
+        where the defaults decide: ``first``, then ``layers`` in order, then ``conv`` and ``linear``."""
+        if is_first and self.first is not None:
+            return self.first
+        for key, factory in self.layers:
+            if key in kinds if isinstance(key, str) else isinstance(module, key):
+                return factory
+        by_kind = {"conv": self.conv, "linear": self.linear}
+        return next((by_kind[kind] for kind in kinds if by_kind.get(kind) is not None), None)
 
 
-#: The rule presets by name: ``LRP(model, preset="epsilon-plus-flat")``. They follow zennit's
-#: composites of the same names (Kohlbrenner et al. 2020, "Towards best practice in explaining
-#: neural network decisions with LRP").
-PRESETS: Dict[str, Preset] = {
-    "epsilon": Preset("epsilon", None, None, None),
-    "epsilon-plus-flat": Preset("epsilon-plus-flat", FlatRule, ZPlusRule, lambda: EpsilonRule(1e-6)),
-    "epsilon-gamma-box": Preset(
-        "epsilon-gamma-box", lambda: ZBoxRule(-3.0, 3.0), lambda: GammaRule(0.25), lambda: EpsilonRule(1e-6)
-    ),
+def _zennit_layers(stabilizer: float, positionwise: Optional[Factory]) -> Tuple[Tuple[str, Factory], ...]:
+    """zennit's ``layer_map_base``: its ``Norm`` rule (epsilon as a stabiliser) at sums and average
+    pooling; batch norms pass relevance on (they are folded first, zennit's canonizers). With a
+    ``positionwise`` rule, dense layers applied at every position get it (beyond zennit, which
+    matches by module type)."""
+    return (() if positionwise is None else (("positionwise_linear", positionwise),)) + (
+        ("addition", functools.partial(EpsilonRule, stabilizer)),
+        ("average_pool", functools.partial(EpsilonRule, stabilizer)),
+        ("batch_norm", PassThroughRule),
+    )
+
+
+#: The suffix of a preset that treats dense layers applied at every position as 1x1 convolutions.
+POSITIONWISE = "-positionwise"
+
+
+def _composite(
+    name: str,
+    first: Optional[Factory],
+    conv: Factory,
+    epsilon: float,
+    stabilizer: float,
+    positionwise: bool,
+    first_kinds: Tuple[str, ...] = ("conv", "linear"),
+) -> Preset:
+    """zennit's composite ``name``; with ``positionwise``, the variant whose position-wise dense layers
+    (ConvNeXt's pointwise layers, a transformer's MLP: 1x1 convolutions in all but name) get ``conv``."""
+    linear = functools.partial(EpsilonRule, epsilon)
+    layers = _zennit_layers(stabilizer, conv if positionwise else None)
+    name = name + POSITIONWISE if positionwise else name
+    return Preset(name, first, conv, linear, layers, first_kinds, fold_batch_norm=True)
+
+
+# The builders below take zennit's arguments: ``epsilon`` for the epsilon rule of dense layers,
+# ``stabilizer`` for every other rule's denominators (and zennit's Norm at sums and pooling).
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
+    """zennit's ``EpsilonPlus``: z+ on convolutions, epsilon on dense layers.
+
+    ``positionwise``: z+ also on dense layers applied at every position (the
+    ``-positionwise`` variant; see :data:`POSITIONWISE`).
+    """
+    return _composite("epsilon-plus", None, functools.partial(ZPlusRule, stabilizer), epsilon, stabilizer, positionwise)
+
+
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
+    """zennit's ``EpsilonPlusFlat``: flat on the first convolution or dense layer, then as :func:`epsilon_plus`."""
+    zplus = functools.partial(ZPlusRule, stabilizer)
+    flat = functools.partial(FlatRule, stabilizer)
+    return _composite("epsilon-plus-flat", flat, zplus, epsilon, stabilizer, positionwise)
+
+
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
+    """zennit's ``EpsilonAlpha2Beta1``: alpha=2, beta=1 on convolutions, epsilon on dense layers."""
+    alpha_beta = functools.partial(AlphaBetaRule, 2.0, 1.0, stabilizer)
+    return _composite("epsilon-alpha2-beta1", None, alpha_beta, epsilon, stabilizer, positionwise)
+
+
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, positionwise: bool = False) -> Preset:
+    """zennit's ``EpsilonAlpha2Beta1Flat``: flat on the first layer, then as :func:`epsilon_alpha2_beta1`."""
+    return _composite(
+        "epsilon-alpha2-beta1-flat",
+        functools.partial(FlatRule, stabilizer),
+        functools.partial(AlphaBetaRule, 2.0, 1.0, stabilizer),
+        epsilon,
+        stabilizer,
+        positionwise,
+    )
+
+
+def epsilon_gamma_box(
+    low: Union[float, Tensor] = -3.0,
+    high: Union[float, Tensor] = 3.0,
+    gamma: float = 0.25,
+    epsilon: float = 1e-6,
+    stabilizer: float = 1e-6,
+    positionwise: bool = False,
+) -> Preset:
+    """zennit's ``EpsilonGammaBox(low, high)``: zB on the first convolution, gamma on the others, epsilon on
+    dense layers.
+
+    ``low`` and ``high`` bound the input (scalars, or tensors that broadcast
+    against it, e.g. ImageNet's normalised 0 and 1 per channel, shaped
+    ``(3, 1, 1)``). ``preset="epsilon-gamma-box"`` is this with ``[-3, 3]``.
+
+    Examples::
+
+        >>> mean = torch.tensor([0.485, 0.456, 0.406]).reshape(3, 1, 1)
+        >>> std = torch.tensor([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+        >>> LRP(model, preset=epsilon_gamma_box(-mean / std, (1 - mean) / std))
+    """
+    return _composite(
+        "epsilon-gamma-box",
+        functools.partial(ZBoxRule, low, high, stabilizer),
+        functools.partial(GeneralizedGammaRule, gamma, stabilizer),
+        epsilon,
+        stabilizer,
+        positionwise,
+        first_kinds=("conv",),  # zennit's first map: convolutions only
+    )
+
+
+def with_input_bounds(preset: Union[str, Preset], low: Union[float, Tensor], high: Union[float, Tensor]) -> Preset:
+    """``preset`` (a name or a :class:`Preset`) with its zB first-layer rule bounded by ``low`` and ``high``.
+
+    The box rule needs the input's range (``epsilon-gamma-box`` assumes
+    [-3, 3]); presets without one are returned as they are. ``low`` and
+    ``high`` are scalars or tensors that broadcast against the input, e.g.
+    ``-mean / std`` and ``(1 - mean) / std`` per channel for normalised images.
+    """
+    preset = _preset(preset)
+    first = preset.first
+    if not (isinstance(first, functools.partial) and first.func is ZBoxRule):
+        return preset
+    return dataclasses.replace(preset, first=functools.partial(ZBoxRule, low, high, *first.args[2:], **first.keywords))
+
+
+_ZENNIT_BUILDERS: Dict[str, Callable[..., Preset]] = {
+    "epsilon-plus": epsilon_plus,
+    "epsilon-plus-flat": epsilon_plus_flat,
+    "epsilon-alpha2-beta1": epsilon_alpha2_beta1,
+    "epsilon-alpha2-beta1-flat": epsilon_alpha2_beta1_flat,
+    "epsilon-gamma-box": epsilon_gamma_box,
 }
+
+#: The rule presets by name: ``LRP(model, preset="epsilon-plus-flat")``. Those named after
+#: zennit's composites equal them with their default arguments where zennit runs (tests/parity;
+#: Kohlbrenner et al. 2020, "Towards best practice in explaining neural network decisions with
+#: LRP"); each has a ``-positionwise`` variant that gives a dense layer applied at every position
+#: the convolutions' rule, where zennit, matching by module type, gives it epsilon.
+PRESETS: Dict[str, Preset] = {"epsilon": Preset("epsilon")}
+PRESETS.update({name: build() for name, build in _ZENNIT_BUILDERS.items()})
+PRESETS.update({name + POSITIONWISE: build(positionwise=True) for name, build in _ZENNIT_BUILDERS.items()})
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +765,7 @@ def assign_rules(
     by_name, by_type = _split_rule_keys(rules or {})
     _check_names_exist(gm, by_name)
     chosen_preset = _preset(preset)
-    first_layer = _first_layer(gm)
+    first_layer = _first_layer(gm, chosen_preset.first_kinds) if chosen_preset is not None else None
     carrying = relevance_carrying_nodes(gm)
     assignments = []
     for node in gm.graph.nodes:
@@ -374,6 +780,8 @@ def assign_rules(
             own_rule = getattr(origin() if origin is not None else None, "rule", None)
             rule, source = _rule_for(node, module, own_rule, by_name, by_type, chosen_preset, node is first_layer)
             problem = None if rule is not None else _missing_rule_message(node, module)
+            if source.startswith("preset") and _has_input_dependent_weight(node, module, carrying):
+                rule, problem = None, _input_dependent_weight_message(node, chosen_preset)
             assignments.append(_assignment(node, type(module).__qualname__, rule, source, problem))
         elif moves_data(node) or not _carries_tensor(node):
             assignments.append(_assignment(node, "", MoveRule(), "data movement"))
@@ -421,6 +829,12 @@ def _split_rule_keys(rules: Mapping[RuleKey, PropagationRule]):
     return by_name, by_type
 
 
+def preset_folds_batch_norm(preset: Union[str, Preset, None]) -> bool:
+    """Whether batch norms are folded by default under ``preset`` (see :class:`Preset`)."""
+    chosen = _preset(preset)
+    return chosen is not None and chosen.fold_batch_norm
+
+
 def _preset(preset: Union[str, Preset, None]) -> Optional[Preset]:
     if preset is None or isinstance(preset, Preset):
         return preset
@@ -441,7 +855,7 @@ def _rule_for(node, module, own, by_name, by_type, preset, is_first) -> Tuple[Op
         if isinstance(module, types):
             return copy.deepcopy(rule), f"rules[{getattr(types, '__name__', types)}]"
     if preset is not None:
-        factory = preset.first if is_first else preset.conv if isinstance(module, _CONVS) else preset.linear if isinstance(module, nn.Linear) else None
+        factory = preset.rule_factory(module, layer_kinds(node, module), is_first)
         if factory is not None:
             return factory(), f"preset {preset.name}"
     for types, factory in _DEFAULT_RULES:
@@ -472,11 +886,27 @@ def _check_names_exist(gm: fx.GraphModule, by_name: Mapping[str, PropagationRule
             raise ValueError(f"rules[{key!r}] names no module or node of the model.{hint}")
 
 
-def _first_layer(gm: fx.GraphModule) -> Optional[fx.Node]:
+def _first_layer(gm: fx.GraphModule, kinds: Sequence[str]) -> Optional[fx.Node]:
+    """The first call (in the order the graph runs) of a layer of one of these kinds."""
     for node in gm.graph.find_nodes(op="call_module"):
-        if isinstance(gm.get_submodule(node.target), _CONVS + (nn.Linear,)):
+        if set(layer_kinds(node, gm.get_submodule(node.target))) & set(kinds):
             return node
     return None
+
+
+def _has_input_dependent_weight(node: fx.Node, module: nn.Module, carrying) -> bool:
+    """A functional convolution or linear layer whose weight or bias carries relevance (a dynamic layer)."""
+    if not isinstance(module, M.LinearFunction) or layer_kind(module) not in ("conv", "linear"):
+        return False
+    return any(isinstance(arg, fx.Node) and arg in carrying for arg in node.args[1:3])
+
+
+def _input_dependent_weight_message(node: fx.Node, preset: Preset) -> str:
+    return (
+        f"preset {preset.name!r} has no rule for {describe_node(node)}: its weight or bias depends on the "
+        "input, so it is not a layer with constant weights that the preset's rules are defined for.\n"
+        "Give it a rule by name (rules={name: EpsilonRule()}) or choose preset='epsilon'."
+    )
 
 
 def _carries_tensor(node: fx.Node) -> bool:

@@ -271,21 +271,19 @@ class _GraphLayerMixin:
         if not isinstance(model, nn.Module):  # a plain function: nothing to copy, Captum's code as it is
             self.layer_name = None
             return self._delegate(model, self.layer_spec).attribute(*args, **kwargs)
-        bound = inspect.signature(self._captum_class.attribute).bind(self, *args, **kwargs)
-        inputs = bound.arguments["inputs"]
-        check_finite_inputs(call_arguments(inputs))
-        bound.arguments["inputs"] = input_aliases(inputs)  # Captum toggles requires_grad on them
         inner, specs = _inside_wrappers(model, self.layer_spec)
         modules = named_modules_for(inner, specs)
         if modules is None:
-            return self._attribute_on_graph(bound)
+            return self._attribute_on_graph(*args, **kwargs)
+        bound = self._bound(args, kwargs)
         copy = working_copy(inner)
         layers = [copy.get_submodule(name) for name, _ in modules]
         self.layer_name = _as_given(self.layer_spec, [name for name, _ in modules])
         return self._delegate(copy, _as_given(self.layer_spec, layers)).attribute(*bound.args[1:], **bound.kwargs)
 
-    def _attribute_on_graph(self, bound: inspect.BoundArguments) -> Any:
+    def _attribute_on_graph(self, *args: Any, **kwargs: Any) -> Any:
         """Captum on a working copy of the graph captured at ``inputs``, tapped at the layer's node(s)."""
+        bound = self._bound(args, kwargs)
         inputs = bound.arguments["inputs"]
         additional = bound.arguments.get("additional_forward_args")
         at_input = bool(bound.arguments.get("attribute_to_layer_input", False))
@@ -296,6 +294,17 @@ class _GraphLayerMixin:
             _with_gradients(working)
             layers = [working.get_submodule(name) for name in hooked]
             return self._delegate(working, _as_given(self.layer_spec, layers)).attribute(*bound.args[1:], **bound.kwargs)
+
+    def _bound(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        """The call's arguments bound to Captum's signature; its inputs checked and aliased.
+
+        Captum toggles ``requires_grad`` on its inputs during a call: on aliases,
+        never on the caller's tensors, which another thread may be using.
+        """
+        bound = inspect.signature(self._captum_class.attribute).bind(self, *args, **kwargs)
+        check_finite_inputs(call_arguments(bound.arguments["inputs"]))
+        bound.arguments["inputs"] = input_aliases(bound.arguments["inputs"])
+        return bound
 
     def _delegate(self, model: Any, layer: Any) -> Any:
         return self._captum_class(model, layer, *self._init_args, **self._init_kwargs)

@@ -16,7 +16,16 @@ from ..finite import check_finite_inputs, is_finite, locate_non_finite
 from ..layers import LayerSpec, check_layer_spec, resolve_layer
 from ..prepare import PreparedModel, prepare
 from ._args import call_arguments
-from ..rules import ConstantRule, Preset, RuleAssignment, RuleKey, assign_rules, raise_for_problems, validate_rules
+from ..rules import (
+    ConstantRule,
+    Preset,
+    RuleAssignment,
+    RuleKey,
+    assign_rules,
+    preset_folds_batch_norm,
+    raise_for_problems,
+    validate_rules,
+)
 
 __all__ = ["LRP", "LayerLRP"]
 
@@ -30,12 +39,12 @@ class _GraphLRPMixin:
         self,
         rules: Optional[Mapping[RuleKey, PropagationRule]],
         preset: Union[str, Preset, None],
-        fold_batch_norm: bool,
+        fold_batch_norm: Optional[bool],
     ) -> None:
         validate_rules(rules or {}, preset)  # names are checked against the graph at the call
         self.rules = dict(rules or {})
         self.preset = preset
-        self.fold_batch_norm = fold_batch_norm
+        self.fold_batch_norm = preset_folds_batch_norm(preset) if fold_batch_norm is None else fold_batch_norm
 
     def prepared(self, inputs: Any = None, additional_forward_args: Any = None) -> PreparedModel:
         """The rewritten graph of the model at these inputs (cached; rebuilt when the model changes).
@@ -140,11 +149,17 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
         rules: optional overrides, keyed by qualified name (``"layer1"`` covers
             everything inside ``layer1``) or by module type. A ``rule``
             attribute set on a module of the model (Captum's way) is honoured.
-        preset: ``"epsilon"`` (default, Captum's rules), ``"epsilon-plus-flat"``
-            or ``"epsilon-gamma-box"``.
+        preset: ``"epsilon"`` (default, Captum's rules) or one of zennit's
+            composites: ``"epsilon-plus"``, ``"epsilon-plus-flat"``,
+            ``"epsilon-alpha2-beta1"``, ``"epsilon-alpha2-beta1-flat"``,
+            ``"epsilon-gamma-box"`` (input bounds [-3, 3]; other bounds:
+            ``preset=captum_graph.rules.epsilon_gamma_box(low, high)``), or a
+            :class:`~captum_graph.rules.Preset`. README: "Choosing a preset".
         fold_batch_norm: merge each eval-mode batch norm into the convolution
             or linear layer feeding it before propagating (zennit's canonizer,
-            anywhere in the graph).
+            anywhere in the graph). ``None`` (default): on for every preset
+            but ``"epsilon"`` (their rules are defined for the merged layers,
+            as zennit's composites need its canonizers), off otherwise.
 
     Examples::
 
@@ -159,7 +174,7 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
         *,
         rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
         preset: Union[str, Preset, None] = None,
-        fold_batch_norm: bool = False,
+        fold_batch_norm: Optional[bool] = None,
     ) -> None:
         _CaptumLRP.__init__(self, model)
         self._init_rules(rules, preset, fold_batch_norm)
@@ -231,7 +246,7 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
         *,
         rules: Optional[Mapping[RuleKey, PropagationRule]] = None,
         preset: Union[str, Preset, None] = None,
-        fold_batch_norm: bool = False,
+        fold_batch_norm: Optional[bool] = None,
     ) -> None:
         _CaptumLayerLRP.__init__(self, model, layer)
         self._init_rules(rules, preset, fold_batch_norm)

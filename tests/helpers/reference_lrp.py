@@ -20,12 +20,19 @@ rule           c_ij                                              z_j
 epsilon        x_i w_ij                                          sum_i c_ij + b_j
 gamma          x_i (w_ij + gamma w_ij^+)                         sum_i c_ij + b_j [#]_
 alpha1-beta0   x_i w_ij^+ (Captum's Alpha1_Beta0_Rule)           sum_i c_ij + b_j [#]_
-z+             x_i^+ w_ij^+ + x_i^- w_ij^-  (Montavon 2017, 6)   sum_i c_ij (no bias)
+z+             x_i^+ w_ij^+ + x_i^- w_ij^-  (Montavon 2017, 6)   sum_i c_ij + b_j^+ [#]_
+alpha-beta     alpha (z+ above) - beta (x_i^+ w_ij^- + x_i^- w_ij^+), each over its own z (+ b^+, + b^-)
+gamma, signed  [z_j > 0] (x^+ (w + g w^+) + x^- (w + g w^-)), z + g b^+; [z_j < 0] the same with signs swapped [#]_
 flat           1 for every input connected to j                  n_j = sum_i c_ij
+w^2            w_ij^2                                            sum_i c_ij + b_j^2 [#]_
 zB             x_i w_ij - l_i w_ij^+ - h_i w_ij^- (M. 2017, 7)   sum_i c_ij (no bias)
 =============  ================================================  =======================
 
 .. [#] Captum's convention: the bias is kept unless ``set_bias_to_zero``.
+.. [#] The bias is a neuron of constant input 1 (Montavon et al. 2019,
+   sec. 10.2.2) whose weight the rule transforms like the others, as zennit
+   does: z+ keeps ``b^+``, alpha-beta ``b^+`` and ``b^-``, signed gamma
+   ``b + g b^+`` and ``b + g b^-``, w^2 ``b^2``.
 """
 from typing import Callable, Optional, Union
 
@@ -39,7 +46,10 @@ __all__ = [
     "gamma",
     "alpha1_beta0",
     "zplus",
+    "alpha_beta",
+    "signed_gamma",
     "flat",
+    "wsquare",
     "zbox",
     "RULES",
 ]
@@ -146,14 +156,54 @@ def alpha1_beta0(
     )
 
 
-def zplus(layer: nn.Module, x: Tensor, relevance: Tensor, eps: float = 1e-6) -> Tensor:
-    """z+ rule (Montavon et al. 2017, eq. 6): ``c_ij = x_i^+ w_ij^+ + x_i^- w_ij^-``, biases ignored."""
+def _signed(transform_positive: Callable[[Tensor], Tensor], transform_negative: Callable[[Tensor], Tensor]):
+    """``c_ij = x_i^+ f(w_ij) + x_i^- g(w_ij)``."""
 
     def contributions(p: _Patches, x: Tensor) -> Tensor:
         xu = p.unfold(x)
-        return _weighted(xu.clamp(min=0), p.weight.clamp(min=0)) + _weighted(xu.clamp(max=0), p.weight.clamp(max=0))
+        return _weighted(xu.clamp(min=0), transform_positive(p.weight)) + _weighted(
+            xu.clamp(max=0), transform_negative(p.weight)
+        )
 
-    return _redistribute(layer, x, relevance, contributions, None, eps)
+    return contributions
+
+
+def _positive(t: Tensor) -> Tensor:
+    return t.clamp(min=0)
+
+
+def _negative(t: Tensor) -> Tensor:
+    return t.clamp(max=0)
+
+
+def zplus(layer: nn.Module, x: Tensor, relevance: Tensor, eps: float = 1e-6) -> Tensor:
+    """z+ rule (Montavon et al. 2017, eq. 6): ``c_ij = x_i^+ w_ij^+ + x_i^- w_ij^-``, ``z_j = sum_i c_ij + b_j^+``."""
+    return _redistribute(layer, x, relevance, _signed(_positive, _negative), lambda p: _positive(p.bias), eps)
+
+
+def alpha_beta(layer: nn.Module, x: Tensor, relevance: Tensor, alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """Alpha-beta rule (Bach et al. 2015): ``alpha`` times the z+ rule minus ``beta`` times its negative twin."""
+    positive = _redistribute(layer, x, relevance, _signed(_positive, _negative), lambda p: _positive(p.bias), eps)
+    negative = _redistribute(layer, x, relevance, _signed(_negative, _positive), lambda p: _negative(p.bias), eps)
+    return alpha * positive - beta * negative
+
+
+def signed_gamma(layer: nn.Module, x: Tensor, relevance: Tensor, gamma: float = 0.25, eps: float = 1e-6) -> Tensor:
+    """Gamma rule for inputs of any sign (Andeol et al. 2021): positive contributions strengthened where
+    ``z_j > 0``, negative ones where ``z_j < 0``."""
+    x = x.detach().to(torch.float64)
+    p = _Patches(layer, x.shape)
+    out = (torch.einsum("npl,op->nol", p.unfold(x), p.weight) + p.bias[None, :, None]).reshape(relevance.shape)
+
+    def up(t: Tensor) -> Tensor:
+        return t + gamma * _positive(t)
+
+    def down(t: Tensor) -> Tensor:
+        return t + gamma * _negative(t)
+
+    positive = _redistribute(layer, x, relevance * (out > 0), _signed(up, down), lambda p: up(p.bias), eps)
+    negative = _redistribute(layer, x, relevance * (out < 0), _signed(down, up), lambda p: down(p.bias), eps)
+    return positive + negative
 
 
 def flat(layer: nn.Module, x: Tensor, relevance: Tensor, eps: float = 1e-6) -> Tensor:
@@ -163,6 +213,13 @@ def flat(layer: nn.Module, x: Tensor, relevance: Tensor, eps: float = 1e-6) -> T
     """
     return _redistribute(
         layer, x, relevance, lambda p, x: _weighted(p.unfold(torch.ones_like(x)), torch.ones_like(p.weight)), None, eps
+    )
+
+
+def wsquare(layer: nn.Module, x: Tensor, relevance: Tensor, eps: float = 1e-6) -> Tensor:
+    """w^2 rule (Montavon et al. 2017, eq. 8): ``c_ij = w_ij^2``, ``z_j = sum_i c_ij + b_j^2``."""
+    return _redistribute(
+        layer, x, relevance, lambda p, x: _weighted(p.unfold(torch.ones_like(x)), p.weight**2), lambda p: p.bias**2, eps
     )
 
 
@@ -186,6 +243,9 @@ RULES = {
     "gamma": gamma,
     "alpha1_beta0": alpha1_beta0,
     "zplus": zplus,
+    "alpha_beta": alpha_beta,
+    "signed_gamma": signed_gamma,
     "flat": flat,
+    "wsquare": wsquare,
     "zbox": zbox,
 }

@@ -73,8 +73,12 @@ METHODS = {
         lambda model: LayerLRP(model, ["layer2", "layer3.0.add"]),
         lambda explainer, x, i: explainer.attribute(x, target=i % 10, attribute_to_layer_input=bool(i % 2)),
     ),
-    "LayerGradCam": (
+    "LayerGradCam": (  # a module: Captum's own code on a working copy of the model per call
         lambda model: LayerGradCam(model, "layer3"),
+        lambda explainer, x, i: explainer.attribute(x, target=i % 10, relu_attributions=bool(i % 2)),
+    ),
+    "LayerGradCam, automatic layer": (  # the graph: a borrowed working copy of the tapped graph per call
+        lambda model: LayerGradCam(model),
         lambda explainer, x, i: explainer.attribute(x, target=i % 10, relu_attributions=bool(i % 2)),
     ),
 }
@@ -136,7 +140,7 @@ def test_threads_making_the_first_call_capture_once(method, monkeypatch):
     monkeypatch.setattr(sys.modules["captum_graph.prepare"], "capture", counted)  # the package's ``prepare`` is the function
     model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
     batches = [example_input() for _ in range(THREADS)]
-    make = {"LRP": lambda m: LRP(m), "LayerGradCam": lambda m: LayerGradCam(m, "block")}[method]
+    make = {"LRP": lambda m: LRP(m), "LayerGradCam": lambda m: LayerGradCam(m)}[method]  # automatic: on the graph
     call = METHODS[method][1]
     with assert_untouched(model, batches[0]):
         found = _in_threads(lambda i: call(make(model), batches[i], i % 5))
