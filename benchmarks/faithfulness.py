@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_graph.demo import ResidualBlock, SqueezeExcitation, single_thread
-from captum_graph.rules import PRESETS
+from captum_graph.rules import PRESETS, with_input_bounds
 
 METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "aopc")
 #: zennit's composite for each captum_graph preset that equals one (``lrp:<preset>`` and ``zennit:<name>``).
@@ -204,10 +204,8 @@ def image_methods(model: nn.Module, input_range: Tuple[float, float]) -> Dict[st
 
 
 def _preset(name: str, input_range: Tuple[float, float]):
-    """The preset named ``name``, with the input's bounds where it takes them (the box rule)."""
-    preset = PRESETS[name]
-    with_bounds = getattr(preset, "with_bounds", None)
-    return with_bounds(*input_range) if with_bounds is not None else name
+    """The preset named ``name``, its box rule (if any) bounded by the input's range."""
+    return with_input_bounds(name, *input_range)
 
 
 def _gradient_method(method) -> Explain:
