@@ -7,6 +7,9 @@ every reader is an epsilon layer (directly or through concatenations),
 computed in ``z``'s own memory after its last reader is done with it; a ReLU
 in between takes that step itself and runs in place, and a batch norm feeding
 a residual sum recomputes its output so that the sum adds into it in place.
+Where ``z`` is copied on its way to the readers (attention's packed
+projections made contiguous, windows cut out of a feature map), the readers
+take the step on the copy they keep anyway, so that ``z`` itself is freed.
 The engine (``engine.py``) installs the plan.
 """
 import dataclasses
@@ -187,7 +190,14 @@ class FusedRatios:
     packed projections), eval-mode dropout and identities, and through
     concatenations (DenseNet), as long as every part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
     read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
-    zero relevance elsewhere), so ``z`` is not kept.
+    zero relevance elsewhere), so ``z`` is not kept. Where ``z`` is copied
+    on its way (a move whose output has memory of its own, see
+    :func:`_last_copy`), the step is taken on the copy, at each reader's
+    argument (``at_inputs``): the factor ``z / stab(z)`` is elementwise and
+    the step linear in the gradient, so it commutes with data movement and
+    with the sum over readers; the readers usually keep the copy for their own
+    backward (attention keeps its values, a linear layer its input), and the
+    producer's ``z`` is freed after the copy.
     """
 
     at_output: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # layer -> (epsilon, reuse)
@@ -196,6 +206,9 @@ class FusedRatios:
     relus: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # relu -> (epsilon, in place)
     before_relu: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio a ReLU takes
     ratio_args: Dict[str, Set[int]] = dataclasses.field(default_factory=dict)  # reader -> positions skipped
+    after_copy: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio their readers take on a copy
+    at_inputs: Dict[str, Dict[int, Tuple[float, bool]]] = dataclasses.field(default_factory=dict)  # reader ->
+    # {position: (epsilon, reuse)}: the ratio of a copied value, taken on that argument
 
 
 def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
@@ -213,13 +226,13 @@ def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured
     _drop_partly_fused_concatenations(values, walk)
     fused = FusedRatios()
     for node, value in values.items():
-        _plan_layer(fused, gm, node, value, rules[node.target].STABILITY_FACTOR)
+        _plan_layer(fused, gm, walk, node, value, rules[node.target].STABILITY_FACTOR)
         for reader, position in walk.uses(value)[0]:
             fused.ratio_args.setdefault(reader.target, set()).add(position)
     return fused
 
 
-def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, node: fx.Node, value: fx.Node, epsilon: float) -> None:
+def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.Node, value: fx.Node, epsilon: float) -> None:
     module = gm.get_submodule(node.target)
     output_not_kept = type(module) in _OUTPUT_NOT_KEPT
     if value is not node:
@@ -229,8 +242,57 @@ def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, node: fx.Node, value: fx
         fused.batch_norms[node.target] = epsilon
         if _can_add_in_place(gm, node):
             fused.in_place_additions.add(next(iter(node.users)).target)
+    elif _last_copy(node, walk) is not None:
+        _plan_after_copy(fused, gm, walk.uses(_last_copy(node, walk))[0], epsilon)
+        fused.after_copy.add(node.target)
     else:
         fused.at_output[node.target] = (epsilon, output_not_kept)
+
+
+def _plan_after_copy(fused: FusedRatios, gm: fx.GraphModule, uses: List[Tuple[fx.Node, int]], epsilon: float) -> None:
+    """The ratio of a copied value, taken by its readers on their arguments (the copy)."""
+    takers = [(reader, i) for reader, i in uses if i not in _constant_inputs(gm, reader)]
+    # Overwriting the copy is safe once the one reader taking the step has run its backward, if that
+    # reader alone reads the copy (it keeps the other views for itself: attention's queries and keys).
+    reuse = len(takers) == 1 and len({reader for reader, _ in uses}) == 1
+    for reader, i in takers:
+        fused.at_inputs.setdefault(reader.target, {})[i] = (epsilon, reuse)
+
+
+def _constant_inputs(gm: fx.GraphModule, reader: fx.Node) -> Set[int]:
+    """The argument positions of ``reader`` that relevance never enters."""
+    constant = getattr(gm.get_submodule(reader.target), "constant_inputs", ())
+    return set(range(len(reader.args))) if constant == "all" else set(constant)
+
+
+def _last_copy(node: fx.Node, walk: "_Walk") -> Optional[fx.Node]:
+    """The last copy of ``node``'s value on the one path it takes before it branches, if any.
+
+    The path follows single readers that only move the value (views,
+    reshapes, eval-mode identities); a copy is a move whose captured output
+    (``meta["val"]``) has memory of its own. ``None`` where the value is not
+    copied, or reaches a concatenation (whose parts take their ratio alone).
+    """
+    copy, current = None, node
+    while len(current.users) == 1:
+        (reader,) = current.users
+        if not (_moves_only(reader, current) or walk.is_identity(reader, current)):
+            break
+        if _has_own_memory(reader, current):
+            copy = reader
+        current = reader
+    if copy is None or walk.uses(copy)[1]:
+        return None
+    return copy
+
+
+def _has_own_memory(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node``'s captured value shares no memory with ``source``'s (a copy, not a view)."""
+    value, original = node.meta.get("val"), source.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not isinstance(original, torch.Tensor):
+        return False
+    # torch private API, also used by torch's own fake-tensor passes; tests/unit/test_memory.py fails if it moves
+    return not torch._C._is_alias_of(value, original)
 
 
 class _Walk:
@@ -246,7 +308,7 @@ class _Walk:
             return None
         uses, concatenations = [], []
         for reader in value.users:
-            if _moves_only(reader, value) or self._is_identity(reader, value):  # its readers read the value
+            if _moves_only(reader, value) or self.is_identity(reader, value):  # its readers read the value
                 further = self.uses(reader)
                 if further is None:
                     return None
@@ -264,7 +326,7 @@ class _Walk:
                 return None
         return uses, concatenations
 
-    def _is_identity(self, node: fx.Node, value: fx.Node) -> bool:
+    def is_identity(self, node: fx.Node, value: fx.Node) -> bool:
         """An eval-mode dropout or identity module on ``value`` with a pass-through rule and no capture."""
         if node.op != "call_module" or node.target in self.captured or node.args != (value,) or node.kwargs:
             return False

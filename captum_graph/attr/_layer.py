@@ -80,7 +80,7 @@ def _tapped(model: nn.Module, prepared: PreparedModel, layer: Optional[LayerSpec
             with graph.inserting_after(tap_node):
                 last = graph.call_module(_UNTAP, (tap_node, tapped))
     tapped.replace_all_uses_with(last, delete_user_cb=lambda user: user not in (tap_node, last))
-    tap = Tap() if reference is None else TokensToGrid()
+    tap = Tap() if reference is None else TokensToGrid(architecture.token_grid_dims(architecture._info(reference)))
     extra = {} if reference is None else {_UNTAP: GridToTokens()}
     owners = {n.target: _fetch(source, n.target) for n in graph.nodes if n.op in ("call_module", "get_attr") and n.target not in (_TAP, _UNTAP)}
     gm = fx.GraphModule({**owners, _TAP: tap, **extra}, graph, type(model).__name__)
