@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationRule
 from torch import Tensor, nn
 
+from . import modules as M
 from .modules import Activation, Addition, Concatenate
 from .passes import moves_data
 from .rules import MoveRule, PassThroughRule, constant_tensor, stabilize
@@ -35,6 +36,10 @@ _OUTPUT_NOT_KEPT = frozenset(
     + _BATCH_NORMS
     + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
     + (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+)
+# The same for ATen operations the graph calls as ``LinearFunction`` (``F.linear`` inside attention).
+_OPERATIONS_NOT_KEEPING_OUTPUT = frozenset(
+    (torch.ops.aten.linear, torch.ops.aten.conv1d, torch.ops.aten.conv2d, torch.ops.aten.conv3d)
 )
 
 
@@ -234,7 +239,7 @@ def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured
 
 def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.Node, value: fx.Node, epsilon: float) -> None:
     module = gm.get_submodule(node.target)
-    output_not_kept = type(module) in _OUTPUT_NOT_KEPT
+    output_not_kept = _output_not_kept(module)
     if value is not node:
         fused.relus[value.target] = (epsilon, output_not_kept)
         fused.before_relu.add(node.target)
@@ -242,11 +247,21 @@ def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.
         fused.batch_norms[node.target] = epsilon
         if _can_add_in_place(gm, node):
             fused.in_place_additions.add(next(iter(node.users)).target)
-    elif _last_copy(node, walk) is not None:
-        _plan_after_copy(fused, gm, walk.uses(_last_copy(node, walk))[0], epsilon)
-        fused.after_copy.add(node.target)
     else:
-        fused.at_output[node.target] = (epsilon, output_not_kept)
+        # Only where the layer keeps no ``z`` itself is the step better taken on the copy (``z`` is then freed).
+        copy = _last_copy(node, walk) if output_not_kept else None
+        if copy is None:
+            fused.at_output[node.target] = (epsilon, output_not_kept)
+        else:
+            fused.after_copy.add(node.target)
+            _plan_after_copy(fused, gm, walk.uses(copy)[0], epsilon)
+
+
+def _output_not_kept(module: nn.Module) -> bool:
+    """Whether ``module`` returns a fresh tensor that its own backward does not keep (exact types)."""
+    if type(module) is M.LinearFunction:
+        return getattr(module.fn, "overloadpacket", None) in _OPERATIONS_NOT_KEEPING_OUTPUT
+    return type(module) in _OUTPUT_NOT_KEPT
 
 
 def _plan_after_copy(fused: FusedRatios, gm: fx.GraphModule, uses: List[Tuple[fx.Node, int]], epsilon: float) -> None:
