@@ -19,7 +19,7 @@ from captum.attr._utils.lrp_rules import IdentityRule, PropagationRule
 from torch import Tensor, nn
 
 from .cloning import private_copy
-from .fusion import FusedRatios, RatioAtOutput, fused_forward, fused_ratios, is_plain_epsilon
+from .fusion import FusedRatios, RatioAtOutput, RatioOfRecomputedSum, fused_forward, fused_ratios, is_plain_epsilon
 from .linearized import linearized_forward
 from .modules import Function
 from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
@@ -131,8 +131,10 @@ def _epsilon_hooks(
 
     ``output``: ``"divide"`` by its stabilised value, ``"ratio"`` (its readers
     leave out their multiplication, :class:`RatioAtOutput`, which may
-    ``reuse`` the output's memory) or ``"none"`` (a ReLU after it takes the
-    ratio, :class:`_ReluWithRatio`, or its readers take it on a copy).
+    ``reuse`` the output's memory), ``"recompute"`` (the same, an addition's
+    sum recomputed from its terms, :class:`RatioOfRecomputedSum`) or
+    ``"none"`` (a ReLU after it takes the ratio, :class:`_ReluWithRatio`, or
+    its readers take it on a copy).
     ``ratio_inputs``: the positions where this layer takes the ratio of the
     layer that produced the argument, ``{position: (epsilon, reuse)}``.
     """
@@ -156,6 +158,8 @@ def _epsilon_hooks(
             return (post(module, args, out[0]),) + out[1:]
         if not out.requires_grad:
             return out
+        if output == "recompute":
+            return RatioOfRecomputedSum.apply(out, epsilon, module.forward, *args)
         return _DivideByOutput.apply(out, epsilon) if output == "divide" else RatioAtOutput.apply(out, epsilon, reuse)
 
     return pre, None if output == "none" else post
@@ -242,6 +246,8 @@ def _hooks_for(target: str, rule: PropagationRule, fused: FusedRatios):
         ratio_inputs = fused.at_inputs.get(target)
         if target in fused.at_output:
             return _epsilon_hooks(rule, "ratio", ratio_args, fused.at_output[target][1], ratio_inputs)
+        if target in fused.recomputed_sums:
+            return _epsilon_hooks(rule, "recompute", ratio_args, ratio_inputs=ratio_inputs)
         silent = target in fused.before_relu or target in fused.batch_norms or target in fused.after_copy
         return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args, ratio_inputs=ratio_inputs)
     return _explicit_hooks(rule)

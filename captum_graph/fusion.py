@@ -13,7 +13,7 @@ take the step on the copy they keep anyway, so that ``z`` itself is freed.
 The engine (``engine.py``) installs the plan.
 """
 import dataclasses
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -26,7 +26,7 @@ from .modules import Activation, Addition, Concatenate
 from .passes import moves_data
 from .rules import MoveRule, PassThroughRule, constant_tensor, stabilize
 
-__all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput"]
+__all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput", "RatioOfRecomputedSum"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers that return a fresh tensor their autograd node does not keep: once its readers are
@@ -65,6 +65,29 @@ class RatioAtOutput(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
         (z,) = ctx.saved_tensors
         return _ratio_times_value(grad, z, ctx.epsilon, non_negative=False, reuse=ctx.reuse), None, None
+
+
+class RatioOfRecomputedSum(torch.autograd.Function):
+    """Identity forward on an addition's output ``s``; backward turns the gradient into its ratio.
+
+    As :class:`RatioAtOutput`, but ``s`` is not kept: it is recomputed from
+    the terms, which other steps of the backward pass keep anyway (the
+    layers that produced them take their ratio at their outputs). ``add`` is
+    the addition's own forward, so the sum is the same bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, epsilon: float, add: Callable[..., Tensor], *terms: Tensor) -> Tensor:
+        ctx.save_for_backward(*terms)
+        ctx.epsilon, ctx.add = epsilon, add
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        with torch.set_grad_enabled(grad.requires_grad):  # a double backward records the operations
+            s = ctx.add(*ctx.saved_tensors)
+        ratio = _ratio_times_value(grad, s, ctx.epsilon, non_negative=False, reuse=True)
+        return (ratio, None, None) + (None,) * len(ctx.saved_tensors)
 
 
 class _ReluWithRatio(torch.autograd.Function):
@@ -195,7 +218,9 @@ class FusedRatios:
     packed projections), eval-mode dropout and identities, and through
     concatenations (DenseNet), as long as every part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
     read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
-    zero relevance elsewhere), so ``z`` is not kept. Where ``z`` is copied
+    zero relevance elsewhere), so ``z`` is not kept. An addition whose terms
+    are all kept by their own layers' steps recomputes its sum for its ratio
+    (``recomputed_sums``) instead of keeping it. Where ``z`` is copied
     on its way (a move whose output has memory of its own, see
     :func:`_last_copy`), the step is taken on the copy, at each reader's
     argument (``at_inputs``): the factor ``z / stab(z)`` is elementwise and
@@ -211,6 +236,8 @@ class FusedRatios:
     relus: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # relu -> (epsilon, in place)
     before_relu: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio a ReLU takes
     ratio_args: Dict[str, Set[int]] = dataclasses.field(default_factory=dict)  # reader -> positions skipped
+    recomputed_sums: Dict[str, float] = dataclasses.field(default_factory=dict)  # addition -> epsilon: its
+    # ratio at output, the sum recomputed from terms that other steps keep
     after_copy: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio their readers take on a copy
     at_inputs: Dict[str, Dict[int, Tuple[float, bool]]] = dataclasses.field(default_factory=dict)  # reader ->
     # {position: (epsilon, reuse)}: the ratio of a copied value, taken on that argument
@@ -234,7 +261,34 @@ def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured
         _plan_layer(fused, gm, walk, node, value, rules[node.target].STABILITY_FACTOR)
         for reader, position in walk.uses(value)[0]:
             fused.ratio_args.setdefault(reader.target, set()).add(position)
+    _plan_recomputed_sums(fused, gm, walk, values)
     return fused
+
+
+def _plan_recomputed_sums(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", values: Dict[fx.Node, fx.Node]) -> None:
+    """Additions, in graph order, whose terms are all values that a step keeps whole: outputs with
+    their ratio at output, ReLU outputs with theirs (not sums that are recomputed themselves)."""
+    kept = {node for node in values if node.target in fused.at_output} | {v for n, v in values.items() if v is not n}
+    for node in gm.graph.find_nodes(op="call_module"):
+        if node not in kept or type(gm.get_submodule(node.target)) is not Addition or len(node.args) < 2:
+            continue
+        if node.kwargs or node.target in fused.in_place_additions:
+            continue
+        if all(_kept_whole(term, kept, walk) for term in node.args):
+            fused.recomputed_sums[node.target] = fused.at_output.pop(node.target)[0]
+            kept.discard(node)
+
+
+def _kept_whole(term: Any, kept: Set[fx.Node], walk: "_Walk") -> bool:
+    """Whether ``term`` is a value in ``kept``, or a view of one (through moves that copy nothing)."""
+    while isinstance(term, fx.Node) and term not in kept:
+        moved = _moves_only(term, term.args[0]) if term.args else False
+        if not (moved or walk.is_identity(term, term.args[0] if term.args else None)):
+            return False
+        if _has_own_memory(term, term.args[0]):
+            return False
+        term = term.args[0]
+    return isinstance(term, fx.Node)
 
 
 def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.Node, value: fx.Node, epsilon: float) -> None:
