@@ -300,24 +300,19 @@ class ModelArchitecture:
         permutations, are merged in that order into one dimension by a reshape."""
         while len(node.users) == 1:
             (user,) = node.users
+            before, after = self._info(node).shape, self._info(user).shape
+            if before is None or after is None:
+                return False
             packet = getattr(user.target, "overloadpacket", None)
             if packet is torch.ops.aten.permute:
-                order = list(user.args[1])
-                positions = [order.index(p % len(order)) for p in positions]
+                order = [d % len(before) for d in user.args[1]]
+                positions = [order.index(p) for p in positions]
             elif packet is torch.ops.aten.transpose:
-                rank = len(self._info(node).shape)
-                a, b = (d % rank for d in user.args[1:3])
+                a, b = (d % len(before) for d in user.args[1:3])
                 positions = [b if p == a else a if p == b else p for p in positions]
             elif _reshape_packet(user) is not None:
-                before, after = self._info(node).shape, self._info(user).shape
                 h, w = positions
-                return (
-                    w == h + 1
-                    and after is not None
-                    and tuple(after[:h]) == tuple(before[:h])
-                    and len(after) > h
-                    and after[h] == before[h] * before[w]
-                )
+                return w == h + 1 and len(after) > h and after[:h] == before[:h] and after[h] == before[h] * before[w]
             else:
                 return False
             node = user
@@ -498,11 +493,13 @@ def _backward_reachable(nodes: List[fx.Node]) -> set:
     return reached
 
 
-_RESHAPES = frozenset({torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view})
+_RESHAPES = frozenset(
+    {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view, torch.ops.aten.flatten}
+)
 
 
 def _reshape_packet(node: fx.Node) -> Optional[Any]:
-    """The ATen reshape a ``call_function`` node calls (``view``, ``reshape``), else ``None``."""
+    """The ATen reshape a ``call_function`` node calls (``view``, ``reshape``, ``flatten``), else ``None``."""
     packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
     return packet if packet in _RESHAPES else None
 

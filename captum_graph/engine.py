@@ -240,7 +240,7 @@ def _hooks_for(target: str, rule: PropagationRule, fused: FusedRatios):
     if isinstance(rule, ConstantRule):
         return _constant_hooks()
     if isinstance(rule, (PassThroughRule, IdentityRule)):
-        return (None, None) if target in fused.relus else _pass_hooks()
+        return (None, None) if target in fused.relus or target in fused.activations else _pass_hooks()
     if is_plain_epsilon(rule):
         ratio_args = frozenset(fused.ratio_args.get(target, ()))
         ratio_inputs = fused.at_inputs.get(target)
@@ -248,7 +248,8 @@ def _hooks_for(target: str, rule: PropagationRule, fused: FusedRatios):
             return _epsilon_hooks(rule, "ratio", ratio_args, fused.at_output[target][1], ratio_inputs)
         if target in fused.recomputed_sums:
             return _epsilon_hooks(rule, "recompute", ratio_args, ratio_inputs=ratio_inputs)
-        silent = target in fused.before_relu or target in fused.batch_norms or target in fused.after_copy
+        silent = target in fused.before_relu or target in fused.before_activation or target in fused.batch_norms
+        silent = silent or target in fused.after_copy
         return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args, ratio_inputs=ratio_inputs)
     return _explicit_hooks(rule)
 

@@ -118,6 +118,35 @@ class _ReluWithRatio(torch.autograd.Function):
         return _ratio_times_value(grad, a, ctx.epsilon, non_negative=True, reuse=True), None, None
 
 
+class _ActivationWithRatio(torch.autograd.Function):
+    """``a = activation(z)`` for an activation that passes relevance unchanged; backward gives the
+    ratio of the epsilon layer that produced ``z``.
+
+    Its readers leave out their multiplication by ``a``: the relevance at
+    ``a`` is ``grad * a``, it passes to ``z`` unchanged, and that layer
+    divides it by ``stab(z)``. One step, ``a / stab(z) * grad``, in one
+    fresh tensor where the plain order makes two. Both ``z`` and ``a`` are
+    kept, as the activation's own backward and its readers' keep them.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, activation: Callable[[Tensor], Tensor], epsilon: float) -> Tensor:
+        a = activation(z)
+        a = z.view_as(z) if a is z else a
+        ctx.save_for_backward(z, a)
+        ctx.epsilon = epsilon
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
+        z, a = ctx.saved_tensors
+        if grad.requires_grad:  # a double backward records the operations
+            return grad * a / stabilize(z, ctx.epsilon), None, None
+        ratio = stabilize(z, ctx.epsilon)
+        torch.div(a, ratio, out=ratio)
+        return ratio.mul_(grad), None, None
+
+
 class _BatchNormWithRatio(torch.autograd.Function):
     """An eval-mode batch norm whose readers leave out their multiplication by its output ``y``.
 
@@ -197,10 +226,13 @@ def is_plain_epsilon(rule: PropagationRule) -> bool:
     )
 
 
+_RELUS = (F.relu, torch.relu, torch.Tensor.relu)
+
+
 def _is_relu(module: nn.Module) -> bool:
     return type(module) is nn.ReLU or (
         type(module) is Activation
-        and module.fn in (F.relu, torch.relu, torch.Tensor.relu)
+        and (module.fn in _RELUS or getattr(module.fn, "overloadpacket", None) is torch.ops.aten.relu)
         and module.kwargs in ({}, {"inplace": False})
     )
 
@@ -218,7 +250,9 @@ class FusedRatios:
     packed projections), eval-mode dropout and identities, and through
     concatenations (DenseNet), as long as every part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
     read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
-    zero relevance elsewhere), so ``z`` is not kept. An addition whose terms
+    zero relevance elsewhere), so ``z`` is not kept; another activation that
+    passes relevance unchanged (GELU, SiLU) takes the ratio as one step from
+    ``a`` and ``z``, which it keeps anyway. An addition whose terms
     are all kept by their own layers' steps recomputes its sum for its ratio
     (``recomputed_sums``) instead of keeping it. Where ``z`` is copied
     on its way (a move whose output has memory of its own, see
@@ -235,24 +269,26 @@ class FusedRatios:
     in_place_additions: Set[str] = dataclasses.field(default_factory=set)  # add into a batch norm's output
     relus: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # relu -> (epsilon, in place)
     before_relu: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio a ReLU takes
+    activations: Dict[str, float] = dataclasses.field(default_factory=dict)  # other activation -> epsilon
+    before_activation: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio one of those takes
     ratio_args: Dict[str, Set[int]] = dataclasses.field(default_factory=dict)  # reader -> positions skipped
-    recomputed_sums: Dict[str, float] = dataclasses.field(default_factory=dict)  # addition -> epsilon: its
-    # ratio at output, the sum recomputed from terms that other steps keep
+    # addition -> epsilon: its ratio at output, the sum recomputed from terms that other steps keep
+    recomputed_sums: Dict[str, float] = dataclasses.field(default_factory=dict)
     after_copy: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio their readers take on a copy
-    at_inputs: Dict[str, Dict[int, Tuple[float, bool]]] = dataclasses.field(default_factory=dict)  # reader ->
-    # {position: (epsilon, reuse)}: the ratio of a copied value, taken on that argument
+    # reader -> {position: (epsilon, reuse)}: the ratio of a copied value, taken on that argument
+    at_inputs: Dict[str, Dict[int, Tuple[float, bool]]] = dataclasses.field(default_factory=dict)
 
 
 def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
     """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order."""
     walk = _Walk(gm, rules, captured)
-    values = {}  # epsilon layer -> the value its readers take unmultiplied (its output or its ReLU's)
+    values = {}  # epsilon layer -> the value its readers take unmultiplied (its output or its activation's)
     for node in gm.graph.find_nodes(op="call_module"):
         if node.target in captured or not is_plain_epsilon(rules.get(node.target)):
             continue
-        relu = _single_relu_reader(gm, node, rules, captured)
-        if relu is not None and walk.uses(relu) is not None:
-            values[node] = relu
+        activation = _single_activation_reader(gm, node, rules, captured)
+        if activation is not None and walk.uses(activation) is not None:
+            values[node] = activation
         elif walk.uses(node) is not None:
             values[node] = node
     _drop_partly_fused_concatenations(values, walk)
@@ -265,7 +301,9 @@ def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured
     return fused
 
 
-def _plan_recomputed_sums(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", values: Dict[fx.Node, fx.Node]) -> None:
+def _plan_recomputed_sums(
+    fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", values: Dict[fx.Node, fx.Node]
+) -> None:
     """Additions, in graph order, whose terms are all values that a step keeps whole: outputs with
     their ratio at output, ReLU outputs with theirs (not sums that are recomputed themselves)."""
     kept = {node for node in values if node.target in fused.at_output} | {v for n, v in values.items() if v is not n}
@@ -280,23 +318,28 @@ def _plan_recomputed_sums(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk",
 
 
 def _kept_whole(term: Any, kept: Set[fx.Node], walk: "_Walk") -> bool:
-    """Whether ``term`` is a value in ``kept``, or a view of one (through moves that copy nothing)."""
+    """Whether ``term`` is a value in ``kept``, or a view of one (moves and identities that copy nothing)."""
     while isinstance(term, fx.Node) and term not in kept:
-        moved = _moves_only(term, term.args[0]) if term.args else False
-        if not (moved or walk.is_identity(term, term.args[0] if term.args else None)):
+        source = term.args[0] if term.args else None
+        if not isinstance(source, fx.Node) or not (_moves_only(term, source) or walk.is_identity(term, source)):
             return False
-        if _has_own_memory(term, term.args[0]):
+        if _has_own_memory(term, source):
             return False
-        term = term.args[0]
+        term = source
     return isinstance(term, fx.Node)
 
 
-def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.Node, value: fx.Node, epsilon: float) -> None:
+def _plan_layer(
+    fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.Node, value: fx.Node, epsilon: float
+) -> None:
     module = gm.get_submodule(node.target)
     output_not_kept = _output_not_kept(module)
-    if value is not node:
+    if value is not node and _is_relu(gm.get_submodule(value.target)):
         fused.relus[value.target] = (epsilon, output_not_kept)
         fused.before_relu.add(node.target)
+    elif value is not node:
+        fused.activations[value.target] = epsilon
+        fused.before_activation.add(node.target)
     elif _is_eval_batch_norm(module):
         fused.batch_norms[node.target] = epsilon
         if _can_add_in_place(gm, node):
@@ -467,16 +510,32 @@ def _can_add_in_place(gm: fx.GraphModule, norm: fx.Node) -> bool:
     return type(module) is Addition and module.alpha == 1 and addition.args[:1] == (norm,) and addition.args.count(norm) == 1
 
 
-def _single_relu_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[str]) -> Optional[fx.Node]:
-    """The ReLU (pass-through rule, no capture) that is ``node``'s only reader, if any."""
+def _single_activation_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[str]) -> Optional[fx.Node]:
+    """The activation (pass-through rule, no capture) that is ``node``'s only reader, if any.
+
+    A ReLU, or any other module with that rule that maps ``node`` alone to
+    a tensor of its shape without writing into it (GELU, SiLU; not an
+    in-place one, whose input the step needs; not an identity, which the
+    readers see through anyway).
+    """
     if len(node.users) != 1:
         return None
-    (relu,) = node.users
-    if relu.op != "call_module" or relu.target in captured or relu.args != (node,) or relu.kwargs:
+    (activation,) = node.users
+    if activation.op != "call_module" or activation.target in captured:
         return None
-    if not _is_relu(gm.get_submodule(relu.target)):
+    if not isinstance(rules.get(activation.target), (PassThroughRule, IdentityRule)):
         return None
-    return relu if isinstance(rules.get(relu.target), (PassThroughRule, IdentityRule)) else None
+    module = gm.get_submodule(activation.target)
+    if _is_relu(module):
+        return activation if activation.args == (node,) and not activation.kwargs else None
+    arguments = activation.args[1:] + tuple(activation.kwargs.values())
+    if activation.args[:1] != (node,) or any(isinstance(a, fx.Node) for a in arguments):
+        return None
+    in_place = getattr(module, "inplace", False) or getattr(module, "kwargs", {}).get("inplace", False)
+    identity = type(module) in _IDENTITIES or isinstance(module, nn.Identity)
+    value, output = node.meta.get("val"), activation.meta.get("val")
+    same_shape = isinstance(value, Tensor) and isinstance(output, Tensor) and value.shape == output.shape
+    return activation if same_shape and not in_place and not identity else None
 
 
 def fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optional[Callable]:
@@ -484,6 +543,10 @@ def fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optiona
     if target in fused.relus:
         epsilon, in_place = fused.relus[target]
         return lambda z, inplace=False: _ReluWithRatio.apply(z, epsilon, in_place)  # ``Activation`` passes ``inplace``
+    if target in fused.activations:
+        epsilon = fused.activations[target]
+        original = module.fn if isinstance(module, M.Function) else module.forward
+        return lambda z, *args, **kwargs: _ActivationWithRatio.apply(z, lambda x: original(x, *args, **kwargs), epsilon)
     if target in fused.batch_norms:
         return lambda x: _BatchNormWithRatio.apply(x, module, fused.batch_norms[target])
     if target in fused.in_place_additions:

@@ -241,3 +241,45 @@ def test_ratio_of_a_copied_value_is_taken_on_the_copy_and_sums_are_recomputed(ti
         unfused = lrp.attribute(x, target=[1, 3])
     torch.testing.assert_close(found, unfused, rtol=1e-10, atol=1e-12)
     assert torch.equal(found, lrp.attribute(x, target=[1, 3])), "the copy's memory was not put back to use cleanly"
+
+
+class _ActivationNet(nn.Module):
+    """Linear -> GELU -> Linear and conv -> batch norm -> SiLU -> conv: activations between epsilon layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        self.fc1, self.fc2 = nn.Linear(4 * 8 * 8, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.conv2(nn.functional.silu(self.norm(self.conv1(x))))
+        return self.fc2(nn.functional.gelu(self.fc1(x.flatten(1))))
+
+
+def test_an_activation_between_epsilon_layers_takes_the_ratio_in_one_step():
+    """GELU and SiLU (not ReLUs): the layer before leaves its ratio to the activation, its readers their
+    multiplication; the relevance is the plain engine's, with an epsilon large enough to show a mistake."""
+    from captum_graph import engine
+    from captum_graph.fusion import FusedRatios, fused_ratios
+    from captum_graph.prepare import prepare
+
+    torch.manual_seed(0)
+    model = _ActivationNet().double().eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    lrp = LRP(model, rules={EPSILON_TYPES: EpsilonRule(0.5)})
+    gm = prepare(model, (x,)).graph_module
+    by_name = {a.qualname: a.rule for a in lrp.rule_report(x) if a.rule is not None}
+    assigned = {n.target: by_name[n.meta.get("qualname", n.name)] for n in gm.graph.find_nodes(op="call_module")
+                if n.meta.get("qualname", n.name) in by_name}
+    plan = fused_ratios(gm, assigned, set())
+    assert plan.before_activation == {"norm", "fc1"} and len(plan.activations) == 2
+    assert {"conv2", "fc2"} <= set(plan.ratio_args), "the readers still multiply by the activation's output"
+
+    found = lrp.attribute(x, target=[1, 3])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "fused_ratios", lambda *args: FusedRatios())
+        unfused = lrp.attribute(x, target=[1, 3])
+    torch.testing.assert_close(found, unfused, rtol=1e-10, atol=1e-12)

@@ -118,8 +118,10 @@ TOKEN_GRIDS = {
         "blocks.1.norm1", (2, 3),
     ),
     # patches embedded by a linear layer on reshaped pixels: the grid comes from the reshape
-    "naflexvit": (lambda: timm.create_model("naflexvit_base_patch16_parfac_gap", img_size=(32, 48), **_TINY_LINEAR_PATCH),
-                  "norm", (2, 3)),
+    "naflexvit": (
+        lambda: timm.create_model("naflexvit_base_patch16_parfac_gap", img_size=(32, 48), **_TINY_LINEAR_PATCH),
+        "norm", (2, 3),
+    ),
     "gemma4_vit": (
         lambda: timm.create_model("gemma4_vit_167m", img_size=(32, 48), head_dim=32, intermediate_size=128,
                                   **_TINY_LINEAR_PATCH),
