@@ -19,7 +19,7 @@ from captum.attr._utils.lrp_rules import IdentityRule, PropagationRule
 from torch import Tensor, nn
 
 from .cloning import private_copy
-from .fusion import FusedRatios, RatioAtOutput, fused_forward, fused_ratios, is_plain_epsilon
+from .fusion import FusedRatios, RatioAtOutput, RatioOfRecomputedSum, fused_forward, fused_ratios, is_plain_epsilon
 from .linearized import linearized_forward
 from .modules import Function
 from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
@@ -120,29 +120,46 @@ class LayerCapture:
         return _store
 
 
-def _epsilon_hooks(rule: PropagationRule, output: str = "divide", ratio_args: FrozenSet[int] = frozenset(), reuse: bool = False):
+def _epsilon_hooks(
+    rule: PropagationRule,
+    output: str = "divide",
+    ratio_args: FrozenSet[int] = frozenset(),
+    reuse: bool = False,
+    ratio_inputs: Optional[Dict[int, Tuple[float, bool]]] = None,
+):
     """Multiply by each input (but those at ``ratio_args``) and treat the output.
 
     ``output``: ``"divide"`` by its stabilised value, ``"ratio"`` (its readers
     leave out their multiplication, :class:`RatioAtOutput`, which may
-    ``reuse`` the output's memory) or ``"none"`` (a ReLU after it takes the
-    ratio, :class:`_ReluWithRatio`).
+    ``reuse`` the output's memory), ``"recompute"`` (the same, an addition's
+    sum recomputed from its terms, :class:`RatioOfRecomputedSum`) or
+    ``"none"`` (a ReLU after it takes the ratio, :class:`_ReluWithRatio`, or
+    its readers take it on a copy).
+    ``ratio_inputs``: the positions where this layer takes the ratio of the
+    layer that produced the argument, ``{position: (epsilon, reuse)}``.
     """
     epsilon = rule.STABILITY_FACTOR
+    ratio_inputs = ratio_inputs or {}
 
     def pre(module, args):
         constant = getattr(module, "constant_inputs", ())  # no relevance enters these
         skipped = ratio_args | frozenset(range(len(args)) if constant == "all" else constant)
-        return tuple(
-            _MultiplyByInput.apply(a) if i not in skipped and isinstance(a, Tensor) and a.requires_grad else a
-            for i, a in enumerate(args)
-        )
+        return tuple(_input_step(i, a, skipped) for i, a in enumerate(args))
+
+    def _input_step(i: int, a, skipped: FrozenSet[int]):
+        if not isinstance(a, Tensor) or not a.requires_grad:
+            return a
+        if i in ratio_inputs:
+            return RatioAtOutput.apply(a, *ratio_inputs[i])
+        return a if i in skipped else _MultiplyByInput.apply(a)
 
     def post(module, args, out):
         if isinstance(out, tuple):  # e.g. attention's (output, weights)
             return (post(module, args, out[0]),) + out[1:]
         if not out.requires_grad:
             return out
+        if output == "recompute":
+            return RatioOfRecomputedSum.apply(out, epsilon, module.forward, *args)
         return _DivideByOutput.apply(out, epsilon) if output == "divide" else RatioAtOutput.apply(out, epsilon, reuse)
 
     return pre, None if output == "none" else post
@@ -229,13 +246,17 @@ def _hooks_for(target: str, rule: PropagationRule, fused: FusedRatios):
     if isinstance(rule, ConstantRule):
         return _constant_hooks()
     if isinstance(rule, (PassThroughRule, IdentityRule)):
-        return (None, None) if target in fused.relus else _pass_hooks()
+        return (None, None) if target in fused.relus or target in fused.activations else _pass_hooks()
     if is_plain_epsilon(rule):
         ratio_args = frozenset(fused.ratio_args.get(target, ()))
+        ratio_inputs = fused.at_inputs.get(target)
         if target in fused.at_output:
-            return _epsilon_hooks(rule, "ratio", ratio_args, reuse=fused.at_output[target][1])
-        silent = target in fused.before_relu or target in fused.batch_norms
-        return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args)
+            return _epsilon_hooks(rule, "ratio", ratio_args, fused.at_output[target][1], ratio_inputs)
+        if target in fused.recomputed_sums:
+            return _epsilon_hooks(rule, "recompute", ratio_args, ratio_inputs=ratio_inputs)
+        silent = target in fused.before_relu or target in fused.before_activation or target in fused.batch_norms
+        silent = silent or target in fused.after_copy
+        return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args, ratio_inputs=ratio_inputs)
     return _explicit_hooks(rule)
 
 

@@ -3,7 +3,7 @@
 Each one computes exactly what the functional operation did, so the rewritten
 graph has the same outputs, and carries a known relevance rule (``rules.py``).
 """
-from typing import Any, Callable, Union
+from typing import Any, Callable, Tuple, Union
 
 import torch
 from captum.attr._utils.custom_modules import Addition_Module
@@ -184,13 +184,19 @@ class Matmul(Function):
 class TokensToGrid(nn.Module):
     """Patch tokens ``(N, T, C)`` as a feature map ``(N, C, h, w)``.
 
-    ``h, w`` are read from ``reference``, a feature map of the same grid (the
-    patch embedding's output), at every call: never hard-coded. The first
-    ``T - h*w`` tokens (class and register tokens) are left out.
+    ``h, w`` are read from ``reference`` at every call, never hard-coded: from
+    its dimensions ``grid_dims``, those of a feature map of the same grid (the
+    patch embedding's output) by default, or the patch counts of the reshape
+    that cuts the image into patches. The first ``T - h*w`` tokens (class and
+    register tokens) are left out.
     """
 
+    def __init__(self, grid_dims: Tuple[int, int] = (-2, -1)) -> None:
+        super().__init__()
+        self.grid_dims = grid_dims
+
     def forward(self, tokens: Tensor, reference: Tensor) -> Tensor:
-        h, w = reference.shape[-2:]
+        h, w = (reference.shape[d] for d in self.grid_dims)
         patches = tokens[:, tokens.shape[1] - h * w :, :]
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
