@@ -21,8 +21,17 @@ from torch import Tensor, nn
 from .cloning import private_copy
 from .fusion import FusedRatios, RatioAtOutput, fused_forward, fused_ratios, is_plain_epsilon
 from .linearized import linearized_forward
-from .modules import Function
-from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
+from .modules import Function, Lookup
+from .rules import (
+    ConstantRule,
+    ExplicitRule,
+    MoveRule,
+    PassThroughRule,
+    RuleAssignment,
+    constant_inputs,
+    init_rule_state,
+    stabilize,
+)
 
 __all__ = ["relevance_hooks", "LayerCapture"]
 
@@ -131,7 +140,7 @@ def _epsilon_hooks(rule: PropagationRule, output: str = "divide", ratio_args: Fr
     epsilon = rule.STABILITY_FACTOR
 
     def pre(module, args):
-        constant = getattr(module, "constant_inputs", ())  # no relevance enters these
+        constant = constant_inputs(module, rule)  # no relevance enters these
         skipped = ratio_args | frozenset(range(len(args)) if constant == "all" else constant)
         return tuple(
             _MultiplyByInput.apply(a) if i not in skipped and isinstance(a, Tensor) and a.requires_grad else a
@@ -257,9 +266,16 @@ def _capture_hooks(capture: LayerCapture):
 @contextlib.contextmanager
 def relevance_hooks(
     gm: fx.GraphModule, assignments: Sequence[RuleAssignment], captures: Sequence[LayerCapture] = ()
-) -> Iterator[None]:
-    """Install the rule of every assignment on ``gm``'s modules; remove them on exit."""
+) -> Iterator[List[Tensor]]:
+    """Install the rule of every assignment on ``gm``'s modules; remove them on exit.
+
+    Yields a list that the forward pass fills with the outputs of embedding
+    lookups (:class:`~captum_graph.modules.Lookup`), made leaves requiring
+    gradients: relevance starts there when the inputs are token ids, so the
+    backward pass differentiates with respect to them, too.
+    """
     handles = []
+    sources: List[Tensor] = []
     by_qualname = {a.qualname: a for a in assignments}
     targets = {str(n.target): n for n in gm.graph.find_nodes(op="call_module")}
     rules = {}
@@ -274,13 +290,28 @@ def relevance_hooks(
             module = gm.get_submodule(target)
             if target in rules:
                 handles += _register(module, *_hooks_for(target, rules[target], fused))
+                if isinstance(module, Lookup):
+                    handles += _register(module, *_source_hooks(sources))
                 if is_plain_epsilon(rules[target]):
-                    stack.enter_context(_swapped_forward(module, linearized_forward(module)))
+                    stack.enter_context(_swapped_forward(module, linearized_forward(module, rules[target])))
             stack.enter_context(_swapped_forward(module, fused_forward(module, target, fused)))
             for capture in captures:
                 if capture.node_target == target:
                     handles += _register(module, *_capture_hooks(capture), outer=True)
-        yield
+        yield sources
+
+
+def _source_hooks(sources: List[Tensor]):
+    """Make a lookup's output a leaf that requires a gradient, and record it in ``sources``."""
+
+    def post(module, args, output):
+        if not isinstance(output, Tensor) or output.requires_grad or not output.is_floating_point():
+            return output
+        source = output.detach().requires_grad_()
+        sources.append(source)
+        return source
+
+    return None, post
 
 
 def _remove(handles: list) -> None:

@@ -9,11 +9,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from captum.attr._utils.lrp_rules import PropagationRule
 from torch import Tensor, nn
 
 from . import modules as M
+from .rules import AttnLRPAttentionRule
 
-__all__ = ["linearized_forward", "layer_norm", "group_norm", "rms_norm", "attention"]
+__all__ = ["linearized_forward", "layer_norm", "group_norm", "rms_norm", "attention", "attnlrp_attention"]
 
 aten = torch.ops.aten
 
@@ -64,6 +66,38 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout
     )
 
 
+def attnlrp_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` (without dropout) whose gradient gives AttnLRP's relevance.
+
+    With the gradient at the output the relevance ratio ``R / z``, input times
+    gradient is: for the values half the epsilon share (uniform rule on
+    ``p v``); for queries and keys a quarter (the other half of ``p v``'s share
+    goes through the softmax, whose own gradient times its input is
+    :class:`~captum_graph.rules.SoftmaxRule`, to ``q k^T``, split in half
+    again). The mask gets none.
+    """
+    if dropout_p:
+        raise NotImplementedError("attention dropout is random: explain the model in eval mode")
+    mask = attn_mask.detach() if isinstance(attn_mask, Tensor) else attn_mask
+    return F.scaled_dot_product_attention(
+        _ScaleGradient.apply(query, 0.25), _ScaleGradient.apply(key, 0.25), _ScaleGradient.apply(value, 0.5),
+        mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa,
+    )
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     return layer_norm(x, normalized_shape, weight, bias, eps)
 
@@ -85,8 +119,14 @@ _FUNCTIONS = {
 }
 
 
-def linearized_forward(module: nn.Module) -> Optional[Callable]:
-    """The linearised forward of ``module``, bound to it, or ``None`` if it is already linear."""
+def linearized_forward(module: nn.Module, rule: Optional[PropagationRule] = None) -> Optional[Callable]:
+    """The linearised forward of ``module`` under ``rule``, bound to it, or ``None`` if it is already linear.
+
+    An attention under :class:`~captum_graph.rules.AttnLRPAttentionRule` gets
+    :func:`attnlrp_attention`; under any other rule its probabilities are constants.
+    """
+    if isinstance(module, M.Attention) and isinstance(rule, AttnLRPAttentionRule):
+        return attnlrp_attention
     if isinstance(module, M.Function):
         return _FUNCTIONS.get(getattr(module.fn, "overloadpacket", None))  # Function.forward adds its keyword arguments
     for module_type, forward in _MODULE_FORWARDS.items():

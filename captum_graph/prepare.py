@@ -15,6 +15,7 @@ from .capture import capture
 from .cloning import private_copy
 from .passes import (
     calls_to_modules,
+    elementwise_functions_to_modules,
     fold_batch_norms,
     functional_to_modules,
     is_torch_layer,
@@ -217,6 +218,7 @@ def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tupl
         functools.partial(calls_to_modules, model=model_copy, is_leaf=_is_leaf),
         qualify_names,
         unshare_modules,
+        elementwise_functions_to_modules,
         functional_to_modules,
     ) + ((fold_batch_norms,) if fold_batch_norm else ())
 

@@ -68,24 +68,42 @@ class _GraphLRPMixin:
         captures: Sequence[LayerCapture] = (),
         prepared: Optional[PreparedModel] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """Run forward and backward once; return target outputs and normalised input relevance."""
+        """Run forward and backward once; return target outputs and input relevance."""
         if prepared is None:
             prepared = self.prepared(inputs, additional_forward_args)  # once per call: the cache check fingerprints the model
         gm = prepared.graph_module
         assignments = self._assignments(prepared, verbose)
-        gradient_mask = apply_gradient_requirements(inputs)
+        floating = tuple(x for x in inputs if x.is_floating_point() or x.is_complex())  # token ids carry none
+        gradient_mask = apply_gradient_requirements(floating)
         try:
-            with relevance_hooks(gm, assignments, captures), torch.enable_grad():
+            with relevance_hooks(gm, assignments, captures) as sources, torch.enable_grad():
                 outputs = _run_forward(gm, inputs, target, additional_forward_args)
-                grads = torch.autograd.grad(torch.unbind(outputs), inputs, allow_unused=True)
+                if not outputs.requires_grad:
+                    raise RuntimeError(
+                        f"no relevance reaches the output of {type(self.model).__name__} from its inputs: "
+                        "it does not depend on a floating-point input or on an embedding lookup of token ids"
+                    )
+                # relevance starts as the target output itself; a layer whose rows are not the
+                # examples (Swin's windows) then needs no rescaling by the output
+                seed = outputs.detach()
+                grads = torch.autograd.grad(outputs, floating + tuple(sources), seed, allow_unused=True)
         finally:
-            undo_gradient_requirements(inputs, gradient_mask)
-        grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+            undo_gradient_requirements(floating, gradient_mask)
+        found = dict(zip(map(id, floating), grads))
+        grads = tuple(torch.zeros_like(x) if found.get(id(x)) is None else found[id(x)] for x in inputs)
         return outputs.detach(), grads
 
 
-def _scaled(normalized: Tensor, output: Tensor) -> Tensor:
-    return normalized * output.reshape((-1,) + (1,) * (normalized.dim() - 1))
+def _check_floating(inputs: Tuple[Tensor, ...]) -> None:
+    for i, x in enumerate(inputs):
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"LRP attributes relevance to floating-point inputs, but input {i} is {x.dtype} "
+                "(token ids?). Read relevance at the embedding's output instead: "
+                "LayerLRP(model, model.get_input_embeddings()).attribute(input_ids, ...) summed over "
+                "the last dimension gives one value per token; or explain a wrapper that calls the "
+                "model with inputs_embeds=."
+            )
 
 
 class LRP(_GraphLRPMixin, _CaptumLRP):
@@ -165,8 +183,8 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
         self.verbose = verbose
         is_tuple = _is_tuple(inputs)
         input_tuple = _format_tensor_into_tuples(inputs)
-        output, normalized = self._relevance_pass(input_tuple, target, additional_forward_args, verbose)
-        relevances = tuple(_scaled(r, output) for r in normalized)
+        _check_floating(input_tuple)
+        output, relevances = self._relevance_pass(input_tuple, target, additional_forward_args, verbose)
         formatted = _format_output(is_tuple, relevances)
         if return_convergence_delta:
             return formatted, self.compute_convergence_delta(relevances, output)
@@ -228,7 +246,7 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
                 )
         input_tuple = _format_tensor_into_tuples(inputs)
         output, _ = self._relevance_pass(input_tuple, target, additional_forward_args, verbose, captures, prepared)
-        relevances = [self._layer_relevance(capture, output) for capture in captures]
+        relevances = [self._layer_relevance(capture) for capture in captures]
         result = relevances if isinstance(self.layer, list) else relevances[0]
         if not return_convergence_delta:
             return result
@@ -236,8 +254,8 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
             return result, [self.compute_convergence_delta(r, output) for r in relevances]
         return result, self.compute_convergence_delta(result, output)
 
-    def _layer_relevance(self, capture: LayerCapture, output: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
-        scaled = tuple(_scaled(capture.relevance[i], output) for i in sorted(capture.relevance))
-        if not scaled:
+    def _layer_relevance(self, capture: LayerCapture) -> Union[Tensor, Tuple[Tensor, ...]]:
+        found = tuple(capture.relevance[i] for i in sorted(capture.relevance))
+        if not found:
             raise RuntimeError(f"no relevance reached layer '{capture.node_target}' for this target")
-        return scaled[0] if len(scaled) == 1 else scaled
+        return found[0] if len(found) == 1 else found
