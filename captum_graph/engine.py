@@ -115,12 +115,18 @@ def _tensors(values: Sequence) -> List[int]:
 
 
 class LayerCapture:
-    """Collects relevance at one module's output or inputs during the backward pass."""
+    """Collects relevance at one module's output or inputs during the backward pass.
+
+    ``output_like``: the captured output's shape, dtype and device, seen in
+    the forward pass: an output that no relevance reaches (it only feeds
+    what LRP holds constant, such as a gate) has zero relevance.
+    """
 
     def __init__(self, node_target: str, at_input: bool) -> None:
         self.node_target = node_target
         self.at_input = at_input
         self.relevance: Dict[int, Tensor] = {}
+        self.output_like: Optional[Tuple[torch.Size, torch.dtype, torch.device]] = None
 
     def store(self, index: int) -> Callable[[Tensor], None]:
         def _store(grad: Tensor) -> None:
@@ -256,9 +262,10 @@ def _capture_hooks(capture: LayerCapture):
     def post(module, args, output):
         if isinstance(output, tuple):
             return (post(module, args, output[0]),) + output[1:]
-        if capture.at_input or not output.requires_grad:
+        if capture.at_input or not output.is_floating_point():
             return output
-        return _Capture.apply(output, capture.store(0))
+        capture.output_like = (output.shape, output.dtype, output.device)
+        return _Capture.apply(output, capture.store(0)) if output.requires_grad else output
 
     return pre, post
 
@@ -294,6 +301,8 @@ def relevance_hooks(
                     handles += _register(module, *_source_hooks(sources))
                 if is_plain_epsilon(rules[target]):
                     stack.enter_context(_swapped_forward(module, linearized_forward(module, rules[target])))
+                elif isinstance(rules[target], (PassThroughRule, IdentityRule)) and target not in fused.relus:
+                    stack.enter_context(_swapped_forward(module, _unrecorded_forward(module), "forward"))
             stack.enter_context(_swapped_forward(module, fused_forward(module, target, fused)))
             for capture in captures:
                 if capture.node_target == target:
@@ -320,15 +329,18 @@ def _remove(handles: list) -> None:
 
 
 @contextlib.contextmanager
-def _swapped_forward(module: nn.Module, forward: Optional[Callable]) -> Iterator[None]:
+def _swapped_forward(module: nn.Module, forward: Optional[Callable], attribute: Optional[str] = None) -> Iterator[None]:
     """Run ``forward`` in place of the module's own while LRP runs (``None``: keep it).
 
-    Used for linearised forwards (see ``linearized.py``) and fused ReLUs.
+    Used for linearised forwards (see ``linearized.py``), fused ReLUs and
+    pass-through modules. ``attribute``: the one replaced, by default ``fn``
+    of a :class:`~captum_graph.modules.Function` (its keyword arguments are
+    still added), else ``forward``.
     """
     if forward is None:
         yield
         return
-    attribute = "fn" if isinstance(module, Function) else "forward"
+    attribute = attribute or ("fn" if isinstance(module, Function) else "forward")
     original = module.__dict__.get(attribute, _MISSING)
     setattr(module, attribute, forward)
     try:
@@ -341,6 +353,22 @@ def _swapped_forward(module: nn.Module, forward: Optional[Callable]) -> Iterator
 
 
 _MISSING = object()
+
+
+def _unrecorded_forward(module: nn.Module) -> Callable:
+    """The module's forward run without recording for autograd.
+
+    Relevance bypasses a pass-through module (:func:`_pass_hooks`), so nothing
+    its forward would save for a backward pass (the intermediates of a GELU
+    written out in operations) is needed.
+    """
+    forward = type(module).forward.__get__(module)
+
+    def unrecorded(*args, **kwargs):
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    return unrecorded
 
 
 def _register(module: nn.Module, pre, post, outer: bool = False) -> list:

@@ -22,13 +22,34 @@ aten = torch.ops.aten
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight=None, bias=None, eps: float = 1e-5) -> Tensor:
     """``F.layer_norm`` with the standard deviation held constant."""
-    dims = tuple(range(-len(normalized_shape), 0))
-    centred = x - x.mean(dims, keepdim=True)
-    std = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps).detach()
-    y = centred / std
-    if weight is not None:
-        y = y * weight
-    return y + bias if bias is not None else y
+    return _LayerNormConstantStd.apply(x, tuple(normalized_shape), weight, bias, eps)
+
+
+class _LayerNormConstantStd(torch.autograd.Function):
+    """``F.layer_norm``'s own kernel forward; the backward of ``w * (x - mean(x)) / s + b`` with ``s`` constant.
+
+    ``dx = (w g - mean(w g)) / s`` over the normalised dimensions: three passes
+    over the gradient and no copy of the input kept, where differentiating the
+    written-out formula keeps the centred input and takes a dozen passes.
+    Weight and bias get no gradient (LRP differentiates activations only).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, normalized_shape: tuple, weight, bias, eps: float) -> Tensor:
+        y, _, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(rstd, weight)
+        ctx.dims = tuple(range(-len(normalized_shape), 0))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rstd, weight = ctx.saved_tensors
+        if grad.requires_grad:  # a double backward records the operations
+            scaled = grad * weight if weight is not None else grad
+            return (scaled - scaled.mean(ctx.dims, keepdim=True)) * rstd, None, None, None, None
+        scaled = grad * weight if weight is not None else grad.clone()
+        scaled.sub_(scaled.mean(ctx.dims, keepdim=True))
+        return scaled.mul_(rstd), None, None, None, None
 
 
 def group_norm(x: Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Tensor:

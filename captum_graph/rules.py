@@ -78,9 +78,11 @@ class ConstantRule(PropagationRule):
 class GateRule(PassThroughRule):
     """``signal * gate`` with the gate (the second factor) a constant: all relevance goes to the signal.
 
-    The default of sigmoid gates (:class:`~captum_graph.modules.Gate`); the
-    ``cp-lrp`` preset's rule for gated linear units (SwiGLU's
-    ``up(x) * silu(gate(x))``), as LXT's CP-LRP variant detaches the gate.
+    ``R_signal = R_out``, ``R_gate = 0``. The ``cp-lrp`` preset's rule for gated
+    linear units (SwiGLU's ``up(x) * silu(gate(x))``): CP-LRP (Ali et al. 2022)
+    holds the non-linear interactions constant, and LXT's CP-LRP variant
+    detaches the gate so. Sigmoid gates (:class:`~captum_graph.modules.Gate`)
+    are treated so by default.
     """
 
     constant_inputs = (1,)
@@ -284,6 +286,11 @@ class AttnLRPAttentionRule(EpsilonRule):
     gradient reaching the values is halved and that reaching queries and
     keys quartered (as LXT does). Epsilon stabilises the output, as
     :class:`~captum.attr._utils.lrp_rules.EpsilonRule`.
+
+    With ``o = p v``, ``p = softmax(s)``, ``s = q k^T / sqrt(d) + mask`` and
+    ``r = R_o / (o + eps sign(o))``: ``R_v = v * (p^T r) / 2``,
+    ``R_p = p * (r v^T) / 2``, ``R_s = s * (R_p - p * sum(R_p))``, and with
+    ``t = R_s / (q k^T)``: ``R_q = q * (t k) / 2``, ``R_k = k * (t^T q) / 2``.
     """
 
     constant_inputs = (3,)

@@ -256,6 +256,9 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
 
     def _layer_relevance(self, capture: LayerCapture) -> Union[Tensor, Tuple[Tensor, ...]]:
         found = tuple(capture.relevance[i] for i in sorted(capture.relevance))
+        if not found and capture.output_like is not None:  # it only feeds what LRP holds constant
+            shape, dtype, device = capture.output_like
+            return torch.zeros(shape, dtype=dtype, device=device)
         if not found:
             raise RuntimeError(f"no relevance reached layer '{capture.node_target}' for this target")
         return found[0] if len(found) == 1 else found
