@@ -10,8 +10,9 @@ rule functions (``lxt/efficient/rules.py`` and ``patches.py``) without the packa
 gated MLP (identity rule on SiLU, uniform rule on the product), RMSNorm (the root mean
 square detached) and the attention wrapper (gradients of queries and keys quartered,
 of values halved) on eager attention. LXT's relevance is Gradient x Input at the
-input embeddings of the patched model; captum_graph's is ``LRP(preset="attn-lrp")``
-of the same model, unpatched, on the same embeddings (computed first, in this process).
+input embeddings of the patched model, switched to eager attention (which LXT's wrapper
+needs); captum_graph's is ``LRP(preset="attn-lrp")`` of the same model as built,
+unpatched, with its default (``sdpa``) attention, on the same embeddings, computed first.
 
 LXT patches classes process-wide: run this script in a process of its own. It prints
 one line of JSON: the largest difference relative to the largest relevance, both
@@ -52,7 +53,7 @@ def build(hidden: int, layers: int, heads: int, dtype: torch.dtype):
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2), vocab_size=1000, initializer_range=0.2, pad_token_id=0,
     )
-    model = LlamaForSequenceClassification._from_config(config, attn_implementation="eager").to(dtype).eval()
+    model = LlamaForSequenceClassification._from_config(config).to(dtype).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() == 1:  # RMSNorm weights: random, so that they matter
@@ -98,6 +99,7 @@ def compare(hidden: int, layers: int, heads: int, batch: int, sequence: int, dty
         logits = wrapper(embeddings)[:, target]
 
     # LXT's LLaMA patch map (lxt/efficient/models/llama.py), applied with LXT's functions
+    model.set_attn_implementation("eager")
     modeling_llama.LlamaMLP.forward = patches.gated_mlp_forward
     modeling_llama.LlamaRMSNorm.forward = patches.rms_norm_forward
     modeling_llama.eager_attention_forward = patches.wrap_attention_forward(modeling_llama.eager_attention_forward)

@@ -123,7 +123,8 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
             everything inside ``layer1``) or by module type. A ``rule``
             attribute set on a module of the model (Captum's way) is honoured.
         preset: ``"epsilon"`` (default, Captum's rules), ``"epsilon-plus-flat"``
-            or ``"epsilon-gamma-box"``.
+            or ``"epsilon-gamma-box"``; for transformers ``"cp-lrp"`` or
+            ``"attn-lrp"`` (see :data:`captum_graph.rules.PRESETS`).
         fold_batch_norm: merge each eval-mode batch norm into the convolution
             or linear layer feeding it before propagating (zennit's canonizer,
             anywhere in the graph).
@@ -178,7 +179,8 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
         """Relevance of each input feature; see :meth:`captum.attr.LRP.attribute`.
 
         Unlike Captum's (whose docstring says otherwise but whose code scales),
-        relevance sums to the target output, as here too.
+        relevance sums to the target output, as here too. Inputs must be
+        floating point: for token ids, use :class:`LayerLRP` at the embedding.
         """
         self.verbose = verbose
         is_tuple = _is_tuple(inputs)
@@ -198,7 +200,10 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
     qualified name (``"layer1.0.add"``: a functional addition) or fx name
     (``"add_7"``), or a list of these. With ``attribute_to_layer_input=True``
     the relevance of each input of the layer is returned separately, e.g. the
-    skip connection's and the residual branch's at an addition.
+    skip connection's and the residual branch's at an addition. With token
+    ids as inputs, the embedding layer (``model.get_input_embeddings()``)
+    gives relevance per token and hidden unit: relevance starts at the rows an
+    embedding looks up. A layer that no relevance reaches gets zeros.
 
     Args:
         model: the model, as it is.

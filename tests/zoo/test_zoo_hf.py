@@ -23,7 +23,12 @@ For every family, at the model itself (token ids, or pixel values for the vision
 
 Epsilon is negligible (1e-15) so the checks measure the rules, not the stabiliser.
 """
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +46,7 @@ pytestmark = [
 ]
 
 DTYPE = torch.float64
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 TEXT = dict(SMALL, vocab_size=50, initializer_range=0.2, pad_token_id=0)
 DECODER = dict(TEXT, num_key_value_heads=1)  # grouped-query attention
@@ -215,3 +221,20 @@ def test_inputs_embeds_wrapper_and_token_ids_give_the_same_relevance(family):
         wrapped = LRP(LogitsFromEmbeddings(model), preset=preset).attribute(embeddings, TARGET, (mask,))
         direct = LayerLRP(model, "model.embed_tokens" if family == "llama" else "bert.embeddings.word_embeddings", preset=preset)
         torch.testing.assert_close(wrapped, direct.attribute(ids, TARGET, (mask,)), rtol=1e-9, atol=1e-12)
+
+
+def test_attn_lrp_equals_lxt_rules():
+    """captum_graph's attn-lrp gives LXT's AttnLRP relevance on a random LLaMA (float64).
+
+    ``benchmarks/lxt_parity.py`` applies LXT's own rule functions (its patch map does not
+    import next to transformers 5.23) in a process of its own, since LXT patches classes
+    process-wide. LXT's RMSNorm computes in float32, which bounds the agreement.
+    """
+    pytest.importorskip("lxt")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/lxt_parity.py"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["max_difference_of_max_relevance"] < 1e-6, result
