@@ -200,7 +200,7 @@ class Attention(Function):
 
     Relevance flows to the values only, by the epsilon rule; queries, keys and
     the mask receive none. Under AttnLRP
-    (:class:`~captum_graph.rules.AttentionRule`) queries and keys receive
+    (:class:`~captum_graph.rules.AttnLRPAttentionRule`) queries and keys receive
     relevance through the softmax too.
     """
 
