@@ -1,4 +1,4 @@
-"""Hugging Face transformers, random small configs (hidden 32, 2 layers, 2 heads), float64.
+"""Hugging Face transformers and timm's ViT, random small configs (hidden 32, 2 layers, 2 heads), float64.
 
 For every family, at the model itself (token ids, or pixel values for the vision models):
 
@@ -77,12 +77,16 @@ VISION_FAMILIES = {
         num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=16, num_labels=3, initializer_range=0.2,
         layer_scale_init_value=0.5,
     )),
+    # timm's ViT (fused scaled_dot_product_attention), shrunk as the others
+    "timm-vit": ("timm", "vit_tiny_patch16_224", dict(
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+    )),
 }
 # Additive constants of these families: biases, absolute position and token-type embeddings,
 # class and distillation tokens, relative position biases (added to the attention scores).
 ADDITIVE = re.compile(
     r"(^|\.)(bias|position_embeddings|token_type_embeddings|wpe|cls_token|distillation_token|mask_token"
-    r"|relative_position_bias_table)(\.|$)"
+    r"|relative_position_bias_table|pos_embed)(\.|$)"
 )
 PADDED = 2  # the second example's last two tokens are padding
 TARGET = 1
@@ -91,8 +95,16 @@ NEGLIGIBLE = {preset: negligible_epsilon(preset) for preset in ("cp-lrp", "attn-
 
 
 def _build(config_class: str, model_class: str, kwargs: dict):
-    config = getattr(transformers, config_class)(**kwargs)
-    model = getattr(transformers, model_class)(config).to(DTYPE).eval()
+    if config_class == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(model_class, pretrained=False, **kwargs).to(DTYPE).eval()
+        with torch.no_grad():
+            for parameter in model.parameters():  # timm zeroes its head and tokens: draw them
+                if parameter.dim() > 1 and not parameter.any():
+                    parameter.normal_(0, 0.2)
+    else:
+        config = getattr(transformers, config_class)(**kwargs)
+        model = getattr(transformers, model_class)(config).to(DTYPE).eval()
     with torch.no_grad():  # norm weights and layer scales away from their init of ones: they must matter
         for name, parameter in model.named_parameters():
             if parameter.dim() == 1 and not ADDITIVE.search(name):
@@ -121,7 +133,7 @@ def _text_inputs(model, family: str):
 def _logits(model, inputs, additional) -> torch.Tensor:
     with torch.no_grad():
         output = model(inputs, *additional)
-    return output.logits[:, TARGET]
+    return (output if isinstance(output, torch.Tensor) else output.logits)[:, TARGET]
 
 
 def _absorbed(model, inputs, additional, preset: str) -> torch.Tensor:
