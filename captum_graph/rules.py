@@ -359,13 +359,13 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 @dataclass(frozen=True)
 class Preset:
     """A composite of rules: one for the first layer, one for convolutions, one for dense layers,
-    and ``by_type``, ``(module types, rule factory)`` pairs for other modules (first match wins)."""
+    and ``layers``, ``(module types, rule factory)`` pairs looked at before those two (first match wins)."""
 
     name: str
     first: Optional[Callable[[], PropagationRule]]
     conv: Optional[Callable[[], PropagationRule]]
     linear: Optional[Callable[[], PropagationRule]]
-    by_type: Tuple[Tuple[Tuple[type, ...], Callable[[], PropagationRule]], ...] = ()
+    layers: Tuple[Tuple[Tuple[type, ...], Callable[[], PropagationRule]], ...] = ()
 
 
 _SOFTMAXES = (M.Softmax, nn.Softmax)
@@ -381,7 +381,7 @@ PRESETS: Dict[str, Preset] = {
     # CP-LRP (Ali et al. 2022): attention probabilities, normalising factors and the activated
     # factor of gated linear units are constants; the network is then linear in what carries relevance.
     "cp-lrp": Preset(
-        "cp-lrp", None, None, EpsilonRule, by_type=(
+        "cp-lrp", None, None, EpsilonRule, layers=(
             (_SOFTMAXES, ConstantRule),
             ((M.Attention, M.AttentionMatmul) + _NORMS, EpsilonRule),
             ((M.GatedProduct,), GateRule),
@@ -390,7 +390,7 @@ PRESETS: Dict[str, Preset] = {
     # AttnLRP (Achtibat et al. 2024): softmax by its own rule, uniform split of products, identity
     # on normalisation (its factor constant) and on elementwise activations, epsilon elsewhere.
     "attn-lrp": Preset(
-        "attn-lrp", None, None, EpsilonRule, by_type=(
+        "attn-lrp", None, None, EpsilonRule, layers=(
             (_SOFTMAXES, SoftmaxRule),
             ((M.Attention,), AttnLRPAttentionRule),
             (_PRODUCTS, UniformSplitRule),
@@ -530,9 +530,9 @@ def _rule_for(node, module, own, by_name, by_type, preset, is_first) -> Tuple[Op
         if isinstance(module, types):
             return copy.deepcopy(rule), f"rules[{getattr(types, '__name__', types)}]"
     if preset is not None:
-        factory = preset.first if is_first else preset.conv if isinstance(module, _CONVS) else preset.linear if isinstance(module, nn.Linear) else None
-        if factory is None:
-            factory = next((rule for types, rule in preset.by_type if isinstance(module, types)), None)
+        factory = preset.first if is_first else None
+        factory = factory or next((rule for types, rule in preset.layers if isinstance(module, types)), None)
+        factory = factory or (preset.conv if isinstance(module, _CONVS) else preset.linear if isinstance(module, nn.Linear) else None)
         if factory is not None:
             return factory(), f"preset {preset.name}"
     for types, factory in _DEFAULT_RULES:

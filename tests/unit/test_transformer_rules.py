@@ -334,6 +334,6 @@ def test_gated_linear_unit_under_each_preset():
 
 def test_presets_are_listed_and_validated():
     assert {"cp-lrp", "attn-lrp"} <= set(PRESETS)
-    assert any(isinstance(factory(), UniformSplitRule) for _, factory in PRESETS["attn-lrp"].by_type)
+    assert any(isinstance(factory(), UniformSplitRule) for _, factory in PRESETS["attn-lrp"].layers)
     with pytest.raises(ValueError, match="attn-lrp"):
         LRP(nn.Linear(2, 2), preset="attnlrp")
