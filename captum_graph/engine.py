@@ -290,7 +290,8 @@ def relevance_hooks(
         assignment = by_qualname.get(node.meta.get("qualname", node.name))
         if assignment is not None and assignment.rule is not None:
             rules[target] = assignment.rule
-    fused = fused_ratios(gm, rules, {capture.node_target for capture in captures})
+    carrying = {a.qualname for a in assignments}
+    fused = fused_ratios(gm, rules, {capture.node_target for capture in captures}, carrying)
     with contextlib.ExitStack() as stack:
         stack.callback(_remove, handles)
         for target, node in targets.items():
