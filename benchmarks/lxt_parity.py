@@ -108,7 +108,10 @@ def compare(hidden: int, layers: int, heads: int, batch: int, sequence: int, dty
     lxt_seconds = _median_seconds(lambda: lxt.attribute(embeddings, target=target), repeats)
     difference = (ours - theirs).abs().max() / theirs.abs().max()
     return {
-        "config": {"hidden": hidden, "layers": layers, "heads": heads, "batch": batch, "sequence": sequence, "dtype": str(dtype)},
+        "config": {
+            "hidden": hidden, "layers": layers, "heads": heads, "batch": batch, "sequence": sequence, "dtype": str(dtype),
+            "threads": torch.get_num_threads(),
+        },
         "max_difference_of_max_relevance": difference.item(),
         "captum_graph_sums": ours.flatten(1).sum(1).tolist(),
         "lxt_sums": theirs.flatten(1).sum(1).tolist(),
@@ -127,8 +130,11 @@ def main() -> None:
     parser.add_argument("--sequence", type=int, default=12)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = compare(
         args.hidden, args.layers, args.heads, args.batch, args.sequence, getattr(torch, args.dtype), args.repeats
     )

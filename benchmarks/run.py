@@ -473,7 +473,8 @@ def compare_with_lxt() -> List[dict]:
     ]
     results = []
     for extra in runs:
-        done = subprocess.run([sys.executable, script, *extra], capture_output=True, text=True)
+        command = [sys.executable, script, *extra, "--threads", str(_THREADS)]
+        done = subprocess.run(command, capture_output=True, text=True)
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             results.append({"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:160]})
@@ -550,7 +551,8 @@ def print_results(
                 continue
             c = result["config"]
             table.append([
-                f"hidden {c['hidden']}, {c['layers']} layers, batch {c['batch']} x {c['sequence']} tokens, {c['dtype'].split('.')[-1]}",
+                f"hidden {c['hidden']}, {c['layers']} layers, batch {c['batch']} x {c['sequence']} tokens, "
+                f"{c['dtype'].split('.')[-1]}, {c.get('threads', '?')} threads",
                 f"{result['max_difference_of_max_relevance']:.1e}",
                 f"{result['captum_graph_seconds']:.3f}", f"{result['lxt_seconds']:.3f}",
                 "LXT's RMSNorm computes in float32" if "64" in c["dtype"] else "",
