@@ -279,9 +279,16 @@ class FusedRatios:
     at_inputs: Dict[str, Dict[int, Tuple[float, bool]]] = dataclasses.field(default_factory=dict)
 
 
-def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
-    """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order."""
-    walk = _Walk(gm, rules, captured)
+def fused_ratios(
+    gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str], carrying: Optional[Set[str]] = None
+) -> FusedRatios:
+    """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order.
+
+    ``carrying``: the qualified names of the nodes relevance reaches; a reader
+    outside it (a query projection under CP-LRP, the variance of a norm) takes
+    no relevance and does not stand in the way of a fused step.
+    """
+    walk = _Walk(gm, rules, captured, carrying)
     values = {}  # epsilon layer -> the value its readers take unmultiplied (its output or its activation's)
     for node in gm.graph.find_nodes(op="call_module"):
         if node.target in captured or not is_plain_epsilon(rules.get(node.target)):
@@ -410,8 +417,10 @@ def _has_own_memory(node: fx.Node, source: fx.Node) -> bool:
 class _Walk:
     """Where a value goes: to epsilon layers, directly or through concatenations."""
 
-    def __init__(self, gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> None:
-        self.gm, self.rules, self.captured = gm, rules, captured
+    def __init__(
+        self, gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str], carrying: Optional[Set[str]] = None
+    ) -> None:
+        self.gm, self.rules, self.captured, self.carrying = gm, rules, captured, carrying
 
     def uses(self, value: fx.Node) -> Optional[Tuple[List[Tuple[fx.Node, int]], List[fx.Node]]]:
         """``(epsilon layer, argument position)`` for every use, and the concatenations passed; ``None``
@@ -434,9 +443,17 @@ class _Walk:
                 concatenations += [reader] + further[1]
             elif self._is_epsilon_reader(reader, value):
                 uses += [(reader, i) for i, arg in enumerate(reader.args) if arg is value]
+            elif self._takes_no_relevance(reader):
+                continue  # relevance never flows back through it
             else:
                 return None
         return uses, concatenations
+
+    def _takes_no_relevance(self, reader: fx.Node) -> bool:
+        """A reader that relevance does not reach (the graph's output takes it all)."""
+        if self.carrying is None or reader.op not in ("call_module", "call_function"):
+            return False
+        return reader.meta.get("qualname", reader.name) not in self.carrying
 
     def is_identity(self, node: fx.Node, value: fx.Node) -> bool:
         """An eval-mode dropout or identity module on ``value`` with a pass-through rule and no capture."""
