@@ -10,6 +10,7 @@ of the repeats; ``benchmarks/run.py`` measures speed at full size). Run:
 
     .venv/bin/python benchmarks/coverage.py            # markdown table on stdout
     .venv/bin/python benchmarks/coverage.py --timm     # one model per timm module (tests/zoo/timm_models.py)
+    .venv/bin/python benchmarks/coverage.py --timm --models naflexvit gemma4_vit   # only these rows
 """
 import argparse
 import os
@@ -106,7 +107,7 @@ def measure(name: str, repeats: int):
 def measure_timm(module: str) -> str:
     """One markdown row: the timm entry's conservation error, Grad-CAM layer, or what refuses it."""
     from captum_graph.attr import LayerGradCam
-    from timm_models import NO_CONSERVATION, NO_GRADCAM, TIMM_MODELS, UNSUPPORTED, build, zero_timm_additive_constants
+    from timm_models import NO_CONSERVATION, TIMM_MODELS, UNSUPPORTED, build, zero_timm_additive_constants
 
     name, _, (height, width) = TIMM_MODELS[module]
     row = f"| {module} | {name} | {height}x{width} |"
@@ -117,11 +118,9 @@ def measure_timm(module: str) -> str:
     except Exception as failure:
         reason = UNSUPPORTED.get(module, ("", "unexpected"))[1]
         return f"{row} refused: {type(failure).__name__} ({reason}) | - |"
-    layer = "-" if module in NO_GRADCAM else None
-    if layer is None:
-        cam = LayerGradCam(model)
-        cam.attribute(x, target=targets)
-        layer = f"`{cam.layer_name}`"
+    cam = LayerGradCam(model)
+    cam.attribute(x, target=targets)
+    layer = f"`{cam.layer_name}`"
     if module in NO_CONSERVATION:
         return f"{row} n/a: {NO_CONSERVATION[module].split(':')[0]} | {layer} |"
     zero_timm_additive_constants(model)
@@ -131,14 +130,14 @@ def measure_timm(module: str) -> str:
     return f"{row} {_relative_error(relevance, logits):.1e} | {layer} |"
 
 
-def main_timm() -> None:
+def main_timm(modules=None) -> None:
     import timm
     from timm_models import TIMM_MODELS
 
     print(f"timm {timm.__version__}, torch {torch.__version__}; batch 2, float64, epsilon 1e-15\n")
     print("| timm module | model | input | max relative conservation error | automatic Grad-CAM layer |")
     print("|---|---|---|---|---|")
-    for module in sorted(TIMM_MODELS):
+    for module in sorted(modules or TIMM_MODELS):
         try:
             print(measure_timm(module), flush=True)
         except Exception as failure:  # a row per model, whatever happens
@@ -147,19 +146,19 @@ def main_timm() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--models", nargs="*", default=None, help="torchvision families, or timm modules with --timm")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--timm", action="store_true", help="one model per timm module instead")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     if args.timm:
-        main_timm()
+        main_timm(args.models)
         return
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; batch 2, float64\n")
     print("| model | input | captum_graph LRP: max relative conservation error | captum.attr.LRP: the same | captum_graph LRP time / InputXGradient time |")
     print("|---|---|---|---|---|")
-    for name in args.models:
+    for name in args.models or FAMILIES:
         try:
             size, error, captum, ratio = measure(name, args.repeats)
             print(f"| {name} | {size}x{size} | {error:.1e} | {captum} | {ratio:.2f} |", flush=True)

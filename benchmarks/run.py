@@ -1,12 +1,15 @@
 """Speed and memory of captum_graph's LRP and Grad-CAM against Captum, zennit and InputXGradient.
 
-For each model (torchvision, random weights, eval mode, float32, 224x224) and
-batch size, times in this process:
+For each model (torchvision, random weights, eval mode, float32, 224x224; and
+Hugging Face's BERT-base and GPT-2 at their published sizes, random weights,
+128 tokens, explained at their input embeddings) and batch size, times in this
+process:
 
 * ``InputXGradient`` (captum), the baseline: one forward and one plain backward;
 * captum_graph ``LRP`` with the default rules, and with ``preset="epsilon-plus-flat"``
   and ``fold_batch_norm=True`` (the same composite and batch-norm merging as zennit's
-  ``EpsilonPlusFlat`` with its canonizer);
+  ``EpsilonPlusFlat`` with its canonizer), and on attention models with
+  ``preset="attn-lrp"``;
 * vanilla Captum ``LRP`` where it runs (on a copy of the model), with the largest
   difference from captum_graph's answer: equal on VGG, wrong wherever the forward
   has functional operations (ResNet's residual additions, DenseNet's
@@ -19,7 +22,8 @@ batch size, times in this process:
 It prints median seconds and the ratio to InputXGradient, the peak extra memory
 of one call (measured in a fresh subprocess, see benchmarks/README.md) and its
 ratio to InputXGradient's, captum_graph's one-time graph preparation per model,
-and whether 100 repeated LRP calls grow resident memory. Run:
+whether 100 repeated LRP calls grow resident memory, and how captum_graph's
+attn-lrp compares with LXT's AttnLRP (``lxt_parity.py``). Run:
 
     .venv/bin/python benchmarks/run.py                 # everything (about 15 minutes on 2 cores)
     .venv/bin/python benchmarks/run.py --quick         # smoke run: small inputs, 2 models, about a minute
@@ -46,8 +50,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torchvision
 
-MODELS = ["resnet50", "vgg16", "densenet121", "efficientnet_b0", "vit_b_16"]
+MODELS = ["resnet50", "vgg16", "densenet121", "efficientnet_b0", "vit_b_16", "bert-base", "gpt2"]
 TARGET = 3
+#: Hugging Face text models at their published sizes (random weights): (config, model class) in transformers.
+TEXT_MODELS = {
+    "bert-base": ("BertConfig", "BertForSequenceClassification"),  # hidden 768, 12 layers, 12 heads
+    "gpt2": ("GPT2Config", "GPT2ForSequenceClassification"),  # GPT-2 small: hidden 768, 12 layers, 12 heads
+}
+#: Tokens per text (at most; ``--size`` below it shortens the texts too).
+SEQUENCE_LENGTH = 128
 
 
 class Unavailable(Exception):
@@ -66,13 +77,30 @@ class Runner:
 # ---------------------------------------------------------------------------
 # models and methods
 # ---------------------------------------------------------------------------
+class LogitsFromEmbeddings(torch.nn.Module):
+    """A Hugging Face classifier as a function of its input embeddings (what Captum explains)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=embeddings).logits
+
+
 def build_model(name: str, size: int) -> torch.nn.Module:
-    """The torchvision model with random weights, in eval mode.
+    """The torchvision model with random weights, in eval mode; a text model wrapped to take embeddings.
 
     Weight matrices that torchvision initialises to zero (ViT's classification head)
     are drawn at random instead, so that every method has a non-zero answer to compare.
     """
     torch.manual_seed(0)
+    if name in TEXT_MODELS:
+        import transformers
+
+        config_class, model_class = TEXT_MODELS[name]
+        config = getattr(transformers, config_class)(num_labels=TARGET + 1, pad_token_id=0)
+        return LogitsFromEmbeddings(getattr(transformers, model_class)(config).eval())
     kwargs = {"image_size": size} if name.startswith("vit") else {}
     model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
     with torch.no_grad():
@@ -82,8 +110,19 @@ def build_model(name: str, size: int) -> torch.nn.Module:
     return model
 
 
-def _input(batch: int, size: int) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+def _input(batch: int, size: int, model: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """Images, or for a text model the embeddings of random tokens (``SEQUENCE_LENGTH`` of them)."""
+    generator = torch.Generator().manual_seed(1)
+    if isinstance(model, LogitsFromEmbeddings):
+        embedding = model.model.get_input_embeddings()
+        ids = torch.randint(1, embedding.num_embeddings, (batch, min(size, SEQUENCE_LENGTH)), generator=generator)
+        return embedding(ids).detach()
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def _image_only(name: str) -> None:
+    if name in TEXT_MODELS:
+        raise Unavailable("n/a: for image models")
 
 
 def _input_x_gradient(model, x, name):
@@ -101,9 +140,20 @@ def _graph_lrp(model, x, name):
     return Runner(lambda: method.attribute(x, target=TARGET))
 
 
+def _graph_lrp_attn_lrp(model, x, name):
+    from captum_graph.attr import LRP
+
+    if not (name in TEXT_MODELS or name.startswith("vit")):
+        raise Unavailable("n/a: no attention (the same rules as captum_graph LRP)")
+    method = LRP(model, preset="attn-lrp")
+    method.attribute(x[:1], target=TARGET)  # captures the graph, once for every batch size
+    return Runner(lambda: method.attribute(x, target=TARGET))
+
+
 def _graph_lrp_epsilon_plus_flat(model, x, name):
     from captum_graph.attr import LRP
 
+    _image_only(name)
     method = LRP(model, preset="epsilon-plus-flat", fold_batch_norm=True)
     method.attribute(x[:1], target=TARGET)  # captures the graph, once for every batch size
     return Runner(lambda: method.attribute(x, target=TARGET))
@@ -134,6 +184,7 @@ def _zennit_canonizers(name: str) -> list:
 
 
 def _zennit(model, x, name):
+    _image_only(name)
     try:
         from zennit.attribution import Gradient
         from zennit.composites import EpsilonPlusFlat
@@ -165,6 +216,7 @@ def _zennit(model, x, name):
 def _graph_grad_cam(model, x, name):
     from captum_graph.attr import LayerGradCam
 
+    _image_only(name)
     method = LayerGradCam(model)
     method.attribute(x[:1], target=TARGET)  # captures the graph, once for every batch size
     return Runner(lambda: method.attribute(x, target=TARGET))
@@ -173,6 +225,7 @@ def _graph_grad_cam(model, x, name):
 def _captum_grad_cam(model, x, name):
     from captum.attr import LayerGradCam
 
+    _image_only(name)
     layer = captum_layer_for_auto_cam(model, x)
     method = LayerGradCam(model, model.get_submodule(layer))
     return Runner(lambda: method.attribute(x, target=TARGET))
@@ -208,6 +261,7 @@ METHODS: Dict[str, Callable] = {
     "InputXGradient": _input_x_gradient,
     "captum_graph LRP": _graph_lrp,
     "captum_graph LRP epsilon-plus-flat": _graph_lrp_epsilon_plus_flat,
+    "captum_graph LRP attn-lrp": _graph_lrp_attn_lrp,
     "Captum LRP": _captum_lrp,
     "zennit EpsilonPlusFlat": _zennit,
     "captum_graph LayerGradCam (auto)": _graph_grad_cam,
@@ -253,7 +307,7 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_times(name: str, batch: int, size: int, repeats: int, methods: List[str]) -> List[Row]:
     model = build_model(name, size)
-    x = _input(batch, size)
+    x = _input(batch, size, model)
     rows, answers = [], {}
     for method in methods:
         row = Row(name, batch, method)
@@ -291,7 +345,7 @@ def measure_preparation(name: str, size: int, repeats: int) -> dict:
     prepare_module = importlib.import_module("captum_graph.prepare")  # the package exports the function
 
     model = build_model(name, size)
-    x = _input(2, size)
+    x = _input(2, size, model)
     exports, colds = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -375,7 +429,7 @@ def probe_memory(name: str, batch: int, size: int, method: str) -> dict:
     """
     torch.set_num_threads(_THREADS)
     model = build_model(name, size)
-    x = _input(batch, size)
+    x = _input(batch, size, model)
     try:
         runner = METHODS[method](model, x, name)
     except Exception as failure:
@@ -408,6 +462,28 @@ def probe_growth(size: int = 64, batch: int = 2) -> dict:
     return {"rss_10": counts[10][0], "rss_100": counts[100][0], "tensors_10": counts[10][1], "tensors_100": counts[100][1]}
 
 
+def compare_with_lxt() -> List[dict]:
+    """captum_graph's attn-lrp next to LXT's AttnLRP rules (``lxt_parity.py``, one subprocess each):
+    a small LLaMA in float64 (how close), and one of GPT-2's size in float32 (how fast)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lxt_parity.py")
+    runs = [
+        [],
+        ["--hidden", "768", "--layers", "12", "--heads", "12", "--batch", "8", "--sequence", str(SEQUENCE_LENGTH),
+         "--dtype", "float32", "--repeats", "2"],
+    ]
+    results = []
+    for extra in runs:
+        command = [sys.executable, script, *extra, "--threads", str(_THREADS)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            results.append({"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:160]})
+        else:
+            results.append(json.loads(lines[-1]))
+        print(f"  LXT comparison: {results[-1]}", file=sys.stderr, flush=True)
+    return results
+
+
 # ---------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------
@@ -421,16 +497,24 @@ def machine_line() -> str:
         with open("/proc/cpuinfo") as info:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     versions = [f"torch {torch.__version__}", f"torchvision {torchvision.__version__}"]
-    for package in ("captum", "zennit"):
+    for package in ("captum", "zennit", "transformers", "lxt"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions.append(f"{package} {importlib.metadata.version(package)}")
     return f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; " + ", ".join(versions)
 
 
-def print_results(rows: List[Row], preparations: List[dict], growth: Optional[dict], markdown: bool, size: int) -> None:
+def print_results(
+    rows: List[Row], preparations: List[dict], growth: Optional[dict], markdown: bool, size: int, lxt: List[dict] = ()
+) -> None:
     baseline = {(r.model, r.batch): r for r in rows if r.method == BASELINE}
     print(f"Machine: {machine_line()}")
-    print(f"Inputs: {size}x{size}, float32, random weights (weights=None), eval mode; target class {TARGET}.\n")
+    print(f"Inputs: {size}x{size}, float32, random weights (weights=None), eval mode; target class {TARGET}.")
+    if any(r.model in TEXT_MODELS for r in rows):
+        print(
+            f"Text models: the embeddings of {min(size, SEQUENCE_LENGTH)} random tokens per text, explained through "
+            "model(inputs_embeds=...).logits; random weights at the published configuration."
+        )
+    print()
     header = ["model", "batch", "method", "median s", "× IxG time", "peak extra MiB", "× IxG memory", "note"]
     table = []
     for row in rows:
@@ -457,6 +541,23 @@ def print_results(rows: List[Row], preparations: List[dict], growth: Optional[di
             [p["model"], f"{p['export_s']:.3f}", f"{p['prepare_s']:.3f}", f"{p['cached_ms']:.2f}", f"{p['first_minus_later_s']:.3f}"]
             for p in preparations
         ], markdown)
+    if lxt:
+        print("\nAttnLRP: captum_graph's attn-lrp preset next to LXT's rules (benchmarks/lxt_parity.py, a random LLaMA):\n")
+        header = ["configuration", "max difference / max relevance", "captum_graph s", "LXT s", "note"]
+        table = []
+        for result in lxt:
+            if "error" in result:
+                table.append(["-", "-", "-", "-", f"fails: {result['error']}"])
+                continue
+            c = result["config"]
+            table.append([
+                f"hidden {c['hidden']}, {c['layers']} layers, batch {c['batch']} x {c['sequence']} tokens, "
+                f"{c['dtype'].split('.')[-1]}, {c.get('threads', '?')} threads",
+                f"{result['max_difference_of_max_relevance']:.1e}",
+                f"{result['captum_graph_seconds']:.3f}", f"{result['lxt_seconds']:.3f}",
+                "LXT's RMSNorm computes in float32" if "64" in c["dtype"] else "",
+            ])
+        _print_table(header, table, markdown)
     if growth:
         if "error" in growth:
             print(f"\nMemory growth check failed: {growth['error']}")
@@ -504,6 +605,7 @@ def main() -> None:
         help="batch sizes whose memory is measured, one subprocess per method (default: the largest)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-lxt", action="store_true", help="skip the comparison with LXT's AttnLRP")
     parser.add_argument(
         "--quick", action="store_true",
         help="smoke run: 64x64, resnet50 and vit_b_16, batch 2, memory of the baseline and captum_graph LRP only",
@@ -539,8 +641,9 @@ def main() -> None:
     preparations = []
     for name in models:
         print(f"{name}:", file=sys.stderr, flush=True)
-        preparations.append(measure_preparation(name, size, args.repeats or 3))
-        for batch in batches:
+        text = name in TEXT_MODELS  # batch 8 only (what they are measured for), one cold preparation
+        preparations.append(measure_preparation(name, size, args.repeats or (1 if text else 3)))
+        for batch in [b for b in batches if not text or b == max(batches)]:
             repeats = args.repeats or (3 if batch == 1 else 2)
             batch_rows = measure_times(name, batch, size, repeats, args.methods)
             if batch in memory_batches:
@@ -554,7 +657,8 @@ def main() -> None:
                         row.note = (row.note + "; " if row.note else "") + f"memory: {found['error']}"
             rows += batch_rows
     growth = _run_probe("growth") if memory_batches else None
-    print_results(rows, preparations, growth, args.markdown, size)
+    lxt = [] if args.quick or args.no_lxt else compare_with_lxt()
+    print_results(rows, preparations, growth, args.markdown, size, lxt)
 
 
 if __name__ == "__main__":

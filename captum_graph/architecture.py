@@ -247,20 +247,83 @@ class ModelArchitecture:
         return None if feature is None else self._info(feature)
 
     def token_grid_reference(self, node: Union[str, NodeInfo]) -> Optional[NodeInfo]:
-        """For a token node ``(N, T, C)``, the nearest upstream feature map ``(N, C, h, w)`` whose grid the
-        tokens form (the same batch: not heads or windows folded into it)."""
+        """For a token node ``(N, T, C)``, the nearest upstream node that holds the grid its tokens form
+        (the same batch: not heads or windows folded into it), or ``None``.
+
+        That is a feature map ``(N, C, h, w)`` (a convolutional patch
+        embedding), or, where patches are embedded by a linear layer, the
+        reshape that cuts the image into ``h x w`` patches (see
+        :meth:`token_grid_dims`).
+        """
         info = self.get_node(node) if isinstance(node, str) else node
         shape = info.shape
         if shape is None or len(shape) != 3 or shape[0] != self._batch_size(shape[0]):
             return None
         upstream = _ancestors(info._node)
         for candidate in reversed(list(self.graph.nodes)):
-            if candidate not in upstream or not _is_feature_map(candidate):
+            if candidate not in upstream:
                 continue
             grid = self._info(candidate).shape
-            if grid[0] == shape[0] and 0 < grid[2] * grid[3] <= shape[1] and grid[1] == shape[2]:
+            if _is_feature_map(candidate):
+                if grid[0] == shape[0] and 0 < grid[2] * grid[3] <= shape[1] and grid[1] == shape[2]:
+                    return self._info(candidate)
+                continue
+            dims = self._patch_grid_dims(candidate)
+            if dims is not None and grid[0] == shape[0] and 1 < grid[dims[0]] * grid[dims[1]] <= shape[1]:
                 return self._info(candidate)
         return None
+
+    def token_grid_dims(self, reference: Union[str, NodeInfo]) -> Tuple[int, int]:
+        """The dimensions of a :meth:`token_grid_reference` node that hold the grid's height and width:
+        ``(2, 3)`` for a feature map, ``(2, 4)`` for a cut ``(N, C, h, p, w, p)``."""
+        info = self.get_node(reference) if isinstance(reference, str) else reference
+        return self._patch_grid_dims(info._node) or (2, 3)
+
+    def _patch_grid_dims(self, node: fx.Node) -> Optional[Tuple[int, int]]:
+        """Where ``node`` cuts an image into patches for a linear embedding: the positions of the patch
+        counts along height and width in its output; else ``None``.
+
+        The cut is a reshape splitting two adjacent dimensions of a 4-D
+        tensor in two each, ``(N, C, H, W) -> (N, C, h, H/h, w, W/w)`` (or
+        channels last). Its patches must become tokens in row-major order:
+        permutations may follow, then a reshape that merges the two patch
+        counts, height first, into one dimension (``einops``'
+        ``b c (h p) (w q) -> b (h w) (p q c)``), as the reading of tokens as
+        a grid assumes.
+        """
+        if _reshape_packet(node) is None:
+            return None
+        source, cut = self._info(node.args[0]).shape, self._info(node).shape
+        if source is None or cut is None or len(source) != 4 or len(cut) != 6:
+            return None
+        for k in (1, 2):  # the split dimensions: (H, W) of (N, C, H, W) or of (N, H, W, C)
+            same = cut[:k] == source[:k] and cut[k + 4 :] == source[k + 2 :]
+            if same and cut[k] * cut[k + 1] == source[k] and cut[k + 2] * cut[k + 3] == source[k + 1]:
+                return (k, k + 2) if self._merged_row_major(node, [k, k + 2]) else None
+        return None
+
+    def _merged_row_major(self, node: fx.Node, positions: List[int]) -> bool:
+        """Whether the dimensions at ``positions`` of ``node`` (height, width), moved only by
+        permutations, are merged in that order into one dimension by a reshape."""
+        while len(node.users) == 1:
+            (user,) = node.users
+            before, after = self._info(node).shape, self._info(user).shape
+            if before is None or after is None:
+                return False
+            packet = getattr(user.target, "overloadpacket", None)
+            if packet is torch.ops.aten.permute:
+                order = [d % len(before) for d in user.args[1]]
+                positions = [order.index(p) for p in positions]
+            elif packet is torch.ops.aten.transpose:
+                a, b = (d % len(before) for d in user.args[1:3])
+                positions = [b if p == a else a if p == b else p for p in positions]
+            elif _reshape_packet(user) is not None:
+                h, w = positions
+                return w == h + 1 and len(after) > h and after[:h] == before[:h] and after[h] == before[h] * before[w]
+            else:
+                return False
+            node = user
+        return False
 
     def _batch_size(self, default: int) -> int:
         """The batch size of the first tensor input, as captured (``default`` where unknown)."""
@@ -435,6 +498,17 @@ def _backward_reachable(nodes: List[fx.Node]) -> set:
         if any(user in reached for user in node.users):
             reached.add(node)
     return reached
+
+
+_RESHAPES = frozenset(
+    {torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view, torch.ops.aten.flatten}
+)
+
+
+def _reshape_packet(node: fx.Node) -> Optional[Any]:
+    """The ATen reshape a ``call_function`` node calls (``view``, ``reshape``, ``flatten``), else ``None``."""
+    packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+    return packet if packet in _RESHAPES else None
 
 
 def _is_token_sequence(node: fx.Node) -> bool:

@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import logging
 import operator
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CaptureError, error_class, user_frame
 
-__all__ = ["Captured", "capture", "shape_check", "preserved_training_flags"]
+__all__ = ["Captured", "capture", "main_output", "shape_check", "preserved_training_flags"]
 
 _ROOT = "model"  # the attribute under which the capture wrapper holds the model
 # reason: torch.export's nn_module_stack entry for nodes made outside any module
@@ -64,7 +64,28 @@ class _Call(nn.Module):
         for position, tensor in zip(self.tensor_positions, tensors):
             leaves[position] = tensor
         args, kwargs = tree_unflatten(leaves, self.spec)
-        return getattr(self, _ROOT)(*args, **kwargs)
+        return main_output(getattr(self, _ROOT)(*args, **kwargs))
+
+
+def main_output(output: Any) -> Any:
+    """The output Captum explains: a tensor as it is; of a tuple, list or mapping, the first tensor.
+
+    A Hugging Face model returns a ``ModelOutput`` (a mapping of its non-``None``
+    fields, ``logits`` first when no labels are given) or, with
+    ``return_dict=False``, a tuple: the first tensor is what ``outputs[0]``
+    gives there. The rest (caches, hidden states, attention maps, auxiliary
+    heads) is not part of the captured graph.
+    """
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    first = next((value for value in values if isinstance(value, Tensor)), None)
+    if first is None:
+        raise CaptureError(
+            f"the model returned {type(output).__name__}, which holds no tensor; "
+            "captum_graph explains a tensor output (or the first tensor of a tuple or mapping)"
+        )
+    return first
 
 
 def capture(
@@ -81,7 +102,9 @@ def capture(
     branch on ``x.shape[0] == 1``). With ``any_batch`` a batch of one is
     captured at two all the same, for callers that run the graph at other
     batch sizes (Captum's layer methods batch steps and baselines). The graph
-    refuses inputs of other shapes than it was captured for.
+    refuses inputs of other shapes than it was captured for. The graph returns
+    the model's :func:`main_output` (a tensor; the first one of a tuple or a
+    Hugging Face ``ModelOutput``).
 
     Raises:
         CaptureError: torch.export cannot capture the model; says why, at which

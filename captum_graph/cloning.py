@@ -21,7 +21,7 @@ __all__ = ["private_copy", "private_graph_copy", "borrowed", "set_training", "MA
 MAX_IDLE_COPIES = 8
 
 
-def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Module:
+def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None, share_buffers: bool = False) -> nn.Module:
     """A copy of ``module`` and its children that owns nothing of the original.
 
     Parameters are new ``nn.Parameter`` objects viewing the same storage, so
@@ -29,7 +29,7 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
     rebinding a copy's ``weight.data`` leaves the original alone; they do not
     require gradients (attribution needs gradients of activations only). Buffers are
     shared tensors, except in modules in training mode (batch norm would update
-    them). Hooks and a ``rule`` attribute are not copied (rules are read from
+    them), or with ``share_buffers`` always shared. Hooks and a ``rule`` attribute are not copied (rules are read from
     the user's module when needed); containers among the attributes are
     copied shallowly, so that what a forward stores in them (a cache written
     while torch.export traces) never reaches the user's model. A child reached
@@ -58,11 +58,12 @@ def private_copy(module: nn.Module, memo: Dict[int, nn.Module] = None) -> nn.Mod
     state.pop("rule", None)
     state["_parameters"] = {name: _share(param) for name, param in module._parameters.items()}
     # A module in training mode updates running statistics in place: those get their own copy.
-    state["_buffers"] = {
-        name: b.clone() if module.training and b is not None else b for name, b in module._buffers.items()
-    }
+    own = module.training and not share_buffers
+    state["_buffers"] = {name: b.clone() if own and b is not None else b for name, b in module._buffers.items()}
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-    state["_modules"] = {name: None if child is None else private_copy(child, memo) for name, child in module._modules.items()}
+    state["_modules"] = {
+        name: None if child is None else private_copy(child, memo, share_buffers) for name, child in module._modules.items()
+    }
     return clone
 
 
@@ -82,6 +83,9 @@ def _share(param: nn.Parameter) -> nn.Parameter:
 def private_graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with private modules (:func:`private_copy`) and a graph of its own.
 
+    Its buffers are ``gm``'s: ``gm`` is a prepared graph, whose modules already
+    own what they may write (and whose attribute containers, plain modules in
+    training mode, must not freeze the values the graph reads from the model).
     The copy owns a copy of the graph, so code reading modules through
     ``node.graph.owning_module`` on its nodes reads the copy's, never
     ``gm``'s. Node names, targets and ``meta`` are the same. The forward
@@ -89,7 +93,7 @@ def private_graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph) are registered on the copy too; those of its submodules are not
     copied. Nothing of ``gm`` changes.
     """
-    clone = private_copy(gm)
+    clone = private_copy(gm, share_buffers=True)
     graph = copy.deepcopy(gm.graph)  # new nodes; their ``meta`` dicts are shallow copies
     graph.owning_module = clone
     clone.__dict__["_graph"] = graph  # same code as ``gm``'s, which the copy shares: no recompile

@@ -19,10 +19,19 @@ from captum.attr._utils.lrp_rules import IdentityRule, PropagationRule
 from torch import Tensor, nn
 
 from .cloning import private_copy
-from .fusion import FusedRatios, RatioAtOutput, fused_forward, fused_ratios, is_plain_epsilon
+from .fusion import FusedRatios, RatioAtOutput, RatioOfRecomputedSum, fused_forward, fused_ratios, is_plain_epsilon
 from .linearized import linearized_forward
-from .modules import Function
-from .rules import ConstantRule, ExplicitRule, MoveRule, PassThroughRule, RuleAssignment, init_rule_state, stabilize
+from .modules import Function, Lookup
+from .rules import (
+    ConstantRule,
+    ExplicitRule,
+    MoveRule,
+    PassThroughRule,
+    RuleAssignment,
+    constant_inputs,
+    init_rule_state,
+    stabilize,
+)
 
 __all__ = ["relevance_hooks", "LayerCapture"]
 
@@ -106,12 +115,18 @@ def _tensors(values: Sequence) -> List[int]:
 
 
 class LayerCapture:
-    """Collects relevance at one module's output or inputs during the backward pass."""
+    """Collects relevance at one module's output or inputs during the backward pass.
+
+    ``output_like``: the captured output's shape, dtype and device, seen in
+    the forward pass: an output that no relevance reaches (it only feeds
+    what LRP holds constant, such as a gate) has zero relevance.
+    """
 
     def __init__(self, node_target: str, at_input: bool) -> None:
         self.node_target = node_target
         self.at_input = at_input
         self.relevance: Dict[int, Tensor] = {}
+        self.output_like: Optional[Tuple[torch.Size, torch.dtype, torch.device]] = None
 
     def store(self, index: int) -> Callable[[Tensor], None]:
         def _store(grad: Tensor) -> None:
@@ -120,29 +135,46 @@ class LayerCapture:
         return _store
 
 
-def _epsilon_hooks(rule: PropagationRule, output: str = "divide", ratio_args: FrozenSet[int] = frozenset(), reuse: bool = False):
+def _epsilon_hooks(
+    rule: PropagationRule,
+    output: str = "divide",
+    ratio_args: FrozenSet[int] = frozenset(),
+    reuse: bool = False,
+    ratio_inputs: Optional[Dict[int, Tuple[float, bool]]] = None,
+):
     """Multiply by each input (but those at ``ratio_args``) and treat the output.
 
     ``output``: ``"divide"`` by its stabilised value, ``"ratio"`` (its readers
     leave out their multiplication, :class:`RatioAtOutput`, which may
-    ``reuse`` the output's memory) or ``"none"`` (a ReLU after it takes the
-    ratio, :class:`_ReluWithRatio`).
+    ``reuse`` the output's memory), ``"recompute"`` (the same, an addition's
+    sum recomputed from its terms, :class:`RatioOfRecomputedSum`) or
+    ``"none"`` (a ReLU after it takes the ratio, :class:`_ReluWithRatio`, or
+    its readers take it on a copy).
+    ``ratio_inputs``: the positions where this layer takes the ratio of the
+    layer that produced the argument, ``{position: (epsilon, reuse)}``.
     """
     epsilon = rule.STABILITY_FACTOR
+    ratio_inputs = ratio_inputs or {}
 
     def pre(module, args):
-        constant = getattr(module, "constant_inputs", ())  # no relevance enters these
+        constant = constant_inputs(module, rule)  # no relevance enters these
         skipped = ratio_args | frozenset(range(len(args)) if constant == "all" else constant)
-        return tuple(
-            _MultiplyByInput.apply(a) if i not in skipped and isinstance(a, Tensor) and a.requires_grad else a
-            for i, a in enumerate(args)
-        )
+        return tuple(_input_step(i, a, skipped) for i, a in enumerate(args))
+
+    def _input_step(i: int, a, skipped: FrozenSet[int]):
+        if not isinstance(a, Tensor) or not a.requires_grad:
+            return a
+        if i in ratio_inputs:
+            return RatioAtOutput.apply(a, *ratio_inputs[i])
+        return a if i in skipped else _MultiplyByInput.apply(a)
 
     def post(module, args, out):
         if isinstance(out, tuple):  # e.g. attention's (output, weights)
             return (post(module, args, out[0]),) + out[1:]
         if not out.requires_grad:
             return out
+        if output == "recompute":
+            return RatioOfRecomputedSum.apply(out, epsilon, module.forward, *args)
         return _DivideByOutput.apply(out, epsilon) if output == "divide" else RatioAtOutput.apply(out, epsilon, reuse)
 
     return pre, None if output == "none" else post
@@ -229,13 +261,17 @@ def _hooks_for(target: str, rule: PropagationRule, fused: FusedRatios):
     if isinstance(rule, ConstantRule):
         return _constant_hooks()
     if isinstance(rule, (PassThroughRule, IdentityRule)):
-        return (None, None) if target in fused.relus else _pass_hooks()
+        return (None, None) if _takes_a_ratio(target, fused) else _pass_hooks()
     if is_plain_epsilon(rule):
         ratio_args = frozenset(fused.ratio_args.get(target, ()))
+        ratio_inputs = fused.at_inputs.get(target)
         if target in fused.at_output:
-            return _epsilon_hooks(rule, "ratio", ratio_args, reuse=fused.at_output[target][1])
-        silent = target in fused.before_relu or target in fused.batch_norms
-        return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args)
+            return _epsilon_hooks(rule, "ratio", ratio_args, fused.at_output[target][1], ratio_inputs)
+        if target in fused.recomputed_sums:
+            return _epsilon_hooks(rule, "recompute", ratio_args, ratio_inputs=ratio_inputs)
+        silent = target in fused.before_relu or target in fused.before_activation or target in fused.batch_norms
+        silent = silent or target in fused.after_copy
+        return _epsilon_hooks(rule, "none" if silent else "divide", ratio_args, ratio_inputs=ratio_inputs)
     return _explicit_hooks(rule)
 
 
@@ -253,9 +289,10 @@ def _capture_hooks(capture: LayerCapture):
     def post(module, args, output):
         if isinstance(output, tuple):
             return (post(module, args, output[0]),) + output[1:]
-        if capture.at_input or not output.requires_grad:
+        if capture.at_input or not output.is_floating_point():
             return output
-        return _Capture.apply(output, capture.store(0))
+        capture.output_like = (output.shape, output.dtype, output.device)
+        return _Capture.apply(output, capture.store(0)) if output.requires_grad else output
 
     return pre, post
 
@@ -263,13 +300,18 @@ def _capture_hooks(capture: LayerCapture):
 @contextlib.contextmanager
 def relevance_hooks(
     gm: fx.GraphModule, assignments: Sequence[RuleAssignment], captures: Sequence[LayerCapture] = ()
-) -> Iterator[None]:
+) -> Iterator[List[Tensor]]:
     """Install the rule of every assignment on ``gm``'s modules; remove them on exit.
 
     ``gm``: a working copy borrowed for this call (``PreparedModel.borrow()``),
     never the shared prepared graph, which other calls read at the same time.
+    Yields a list that the forward pass fills with the outputs of embedding
+    lookups (:class:`~captum_graph.modules.Lookup`), made leaves requiring
+    gradients: relevance starts there when the inputs are token ids, so the
+    backward pass differentiates with respect to them, too.
     """
     handles = []
+    sources: List[Tensor] = []
     by_qualname = {a.qualname: a for a in assignments}
     targets = {str(n.target): n for n in gm.graph.find_nodes(op="call_module")}
     rules = {}
@@ -277,20 +319,38 @@ def relevance_hooks(
         assignment = by_qualname.get(node.meta.get("qualname", node.name))
         if assignment is not None and assignment.rule is not None:
             rules[target] = assignment.rule
-    fused = fused_ratios(gm, rules, {capture.node_target for capture in captures})
+    carrying = {a.qualname for a in assignments}
+    fused = fused_ratios(gm, rules, {capture.node_target for capture in captures}, carrying)
     with contextlib.ExitStack() as stack:
         stack.callback(_remove, handles)
         for target, node in targets.items():
             module = gm.get_submodule(target)
             if target in rules:
                 handles += _register(module, *_hooks_for(target, rules[target], fused))
+                if isinstance(module, Lookup):
+                    handles += _register(module, *_source_hooks(sources))
                 if is_plain_epsilon(rules[target]):
-                    stack.enter_context(_swapped_forward(module, linearized_forward(module)))
+                    stack.enter_context(_swapped_forward(module, linearized_forward(module, rules[target])))
+                elif isinstance(rules[target], (PassThroughRule, IdentityRule)) and not _takes_a_ratio(target, fused):
+                    stack.enter_context(_swapped_forward(module, _unrecorded_forward(module), "forward"))
             stack.enter_context(_swapped_forward(module, fused_forward(module, target, fused)))
             for capture in captures:
                 if capture.node_target == target:
                     handles += _register(module, *_capture_hooks(capture), outer=True)
-        yield
+        yield sources
+
+
+def _source_hooks(sources: List[Tensor]):
+    """Make a lookup's output a leaf that requires a gradient, and record it in ``sources``."""
+
+    def post(module, args, output):
+        if not isinstance(output, Tensor) or output.requires_grad or not output.is_floating_point():
+            return output
+        source = output.detach().requires_grad_()
+        sources.append(source)
+        return source
+
+    return None, post
 
 
 def _remove(handles: list) -> None:
@@ -299,15 +359,18 @@ def _remove(handles: list) -> None:
 
 
 @contextlib.contextmanager
-def _swapped_forward(module: nn.Module, forward: Optional[Callable]) -> Iterator[None]:
+def _swapped_forward(module: nn.Module, forward: Optional[Callable], attribute: Optional[str] = None) -> Iterator[None]:
     """Run ``forward`` in place of the module's own while LRP runs (``None``: keep it).
 
-    Used for linearised forwards (see ``linearized.py``) and fused ReLUs.
+    Used for linearised forwards (see ``linearized.py``), fused ReLUs and
+    pass-through modules. ``attribute``: the one replaced, by default ``fn``
+    of a :class:`~captum_graph.modules.Function` (its keyword arguments are
+    still added), else ``forward``.
     """
     if forward is None:
         yield
         return
-    attribute = "fn" if isinstance(module, Function) else "forward"
+    attribute = attribute or ("fn" if isinstance(module, Function) else "forward")
     state = module.__dict__  # not setattr: a module's own __setattr__ may forward writes elsewhere
     original = state.get(attribute, _MISSING)
     state[attribute] = forward
@@ -321,6 +384,27 @@ def _swapped_forward(module: nn.Module, forward: Optional[Callable]) -> Iterator
 
 
 _MISSING = object()
+
+
+def _takes_a_ratio(target: str, fused: FusedRatios) -> bool:
+    """A pass-through module that takes the ratio of the layer before it, so it records for autograd."""
+    return target in fused.relus or target in fused.activations
+
+
+def _unrecorded_forward(module: nn.Module) -> Callable:
+    """The module's forward run without recording for autograd.
+
+    Relevance bypasses a pass-through module (:func:`_pass_hooks`), so nothing
+    its forward would save for a backward pass (the intermediates of a GELU
+    written out in operations) is needed.
+    """
+    forward = type(module).forward.__get__(module)
+
+    def unrecorded(*args, **kwargs):
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    return unrecorded
 
 
 def _register(module: nn.Module, pre, post, outer: bool = False) -> list:

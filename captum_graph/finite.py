@@ -77,10 +77,11 @@ def locate_non_finite(
     unfused = [_Unfused(str(node.target)) for node in gm.graph.find_nodes(op="call_module")]
     for plan in (unfused, captures):
         watcher = _Watcher(gm)
-        with relevance_hooks(gm, assignments, plan), torch.enable_grad():
+        with relevance_hooks(gm, assignments, plan) as sources, torch.enable_grad():
             outputs = run(watcher.run)
             if watcher.forward is None and outputs.requires_grad:
-                torch.autograd.grad(torch.unbind(outputs), [x for x in inputs if x.requires_grad], allow_unused=True)
+                leaves = [x for x in inputs if x.requires_grad] + sources
+                torch.autograd.grad(outputs, leaves, outputs.detach(), allow_unused=True)
         if watcher.forward is not None or watcher.backward:
             return watcher.describe(rule_names, fused=plan is captures)
     return "a diagnostic pass did not reproduce them (is the model's forward random?)"

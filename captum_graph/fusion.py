@@ -7,10 +7,13 @@ every reader is an epsilon layer (directly or through concatenations),
 computed in ``z``'s own memory after its last reader is done with it; a ReLU
 in between takes that step itself and runs in place, and a batch norm feeding
 a residual sum recomputes its output so that the sum adds into it in place.
+Where ``z`` is copied on its way to the readers (attention's packed
+projections made contiguous, windows cut out of a feature map), the readers
+take the step on the copy they keep anyway, so that ``z`` itself is freed.
 The engine (``engine.py``) installs the plan.
 """
 import dataclasses
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -18,11 +21,12 @@ import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule, PropagationRule
 from torch import Tensor, nn
 
+from . import modules as M
 from .modules import Activation, Addition, Concatenate
 from .passes import moves_data
 from .rules import MoveRule, PassThroughRule, constant_tensor, stabilize
 
-__all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput"]
+__all__ = ["FusedRatios", "fused_ratios", "fused_forward", "is_plain_epsilon", "RatioAtOutput", "RatioOfRecomputedSum"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Layers that return a fresh tensor their autograd node does not keep: once its readers are
@@ -32,6 +36,10 @@ _OUTPUT_NOT_KEPT = frozenset(
     + _BATCH_NORMS
     + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
     + (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+)
+# The same for ATen operations the graph calls as ``LinearFunction`` (``F.linear`` inside attention).
+_OPERATIONS_NOT_KEEPING_OUTPUT = frozenset(
+    (torch.ops.aten.linear, torch.ops.aten.conv1d, torch.ops.aten.conv2d, torch.ops.aten.conv3d)
 )
 
 
@@ -57,6 +65,29 @@ class RatioAtOutput(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
         (z,) = ctx.saved_tensors
         return _ratio_times_value(grad, z, ctx.epsilon, non_negative=False, reuse=ctx.reuse), None, None
+
+
+class RatioOfRecomputedSum(torch.autograd.Function):
+    """Identity forward on an addition's output ``s``; backward turns the gradient into its ratio.
+
+    As :class:`RatioAtOutput`, but ``s`` is not kept: it is recomputed from
+    the terms, which other steps of the backward pass keep anyway (the
+    layers that produced them take their ratio at their outputs). ``add`` is
+    the addition's own forward, so the sum is the same bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, epsilon: float, add: Callable[..., Tensor], *terms: Tensor) -> Tensor:
+        ctx.save_for_backward(*terms)
+        ctx.epsilon, ctx.add = epsilon, add
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        with torch.set_grad_enabled(grad.requires_grad):  # a double backward records the operations
+            s = ctx.add(*ctx.saved_tensors)
+        ratio = _ratio_times_value(grad, s, ctx.epsilon, non_negative=False, reuse=True)
+        return (ratio, None, None) + (None,) * len(ctx.saved_tensors)
 
 
 class _ReluWithRatio(torch.autograd.Function):
@@ -85,6 +116,35 @@ class _ReluWithRatio(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
         (a,) = ctx.saved_tensors
         return _ratio_times_value(grad, a, ctx.epsilon, non_negative=True, reuse=True), None, None
+
+
+class _ActivationWithRatio(torch.autograd.Function):
+    """``a = activation(z)`` for an activation that passes relevance unchanged; backward gives the
+    ratio of the epsilon layer that produced ``z``.
+
+    Its readers leave out their multiplication by ``a``: the relevance at
+    ``a`` is ``grad * a``, it passes to ``z`` unchanged, and that layer
+    divides it by ``stab(z)``. One step, ``a / stab(z) * grad``, in one
+    fresh tensor where the plain order makes two. Both ``z`` and ``a`` are
+    kept, as the activation's own backward and its readers' keep them.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, activation: Callable[[Tensor], Tensor], epsilon: float) -> Tensor:
+        a = activation(z)
+        a = z.view_as(z) if a is z else a
+        ctx.save_for_backward(z, a)
+        ctx.epsilon = epsilon
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:
+        z, a = ctx.saved_tensors
+        if grad.requires_grad:  # a double backward records the operations
+            return grad * a / stabilize(z, ctx.epsilon), None, None
+        ratio = stabilize(z, ctx.epsilon)
+        torch.div(a, ratio, out=ratio)
+        return ratio.mul_(grad), None, None
 
 
 class _BatchNormWithRatio(torch.autograd.Function):
@@ -166,10 +226,13 @@ def is_plain_epsilon(rule: PropagationRule) -> bool:
     )
 
 
+_RELUS = (F.relu, torch.relu, torch.Tensor.relu)
+
+
 def _is_relu(module: nn.Module) -> bool:
     return type(module) is nn.ReLU or (
         type(module) is Activation
-        and module.fn in (F.relu, torch.relu, torch.Tensor.relu)
+        and (module.fn in _RELUS or getattr(module.fn, "overloadpacket", None) is torch.ops.aten.relu)
         and module.kwargs in ({}, {"inplace": False})
     )
 
@@ -187,7 +250,18 @@ class FusedRatios:
     packed projections), eval-mode dropout and identities, and through
     concatenations (DenseNet), as long as every part of those is fused too. Where ``z`` goes only to a ReLU whose output ``a`` is
     read that way, the ReLU takes the ratio at ``a`` (equal where ``z > 0``,
-    zero relevance elsewhere), so ``z`` is not kept.
+    zero relevance elsewhere), so ``z`` is not kept; another activation that
+    passes relevance unchanged (GELU, SiLU) takes the ratio as one step from
+    ``a`` and ``z``, which it keeps anyway. An addition whose terms
+    are all kept by their own layers' steps recomputes its sum for its ratio
+    (``recomputed_sums``) instead of keeping it. Where ``z`` is copied
+    on its way (a move whose output has memory of its own, see
+    :func:`_last_copy`), the step is taken on the copy, at each reader's
+    argument (``at_inputs``): the factor ``z / stab(z)`` is elementwise and
+    the step linear in the gradient, so it commutes with data movement and
+    with the sum over readers; the readers usually keep the copy for their own
+    backward (attention keeps its values, a linear layer its input), and the
+    producer's ``z`` is freed after the copy.
     """
 
     at_output: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # layer -> (epsilon, reuse)
@@ -195,49 +269,158 @@ class FusedRatios:
     in_place_additions: Set[str] = dataclasses.field(default_factory=set)  # add into a batch norm's output
     relus: Dict[str, Tuple[float, bool]] = dataclasses.field(default_factory=dict)  # relu -> (epsilon, in place)
     before_relu: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio a ReLU takes
+    activations: Dict[str, float] = dataclasses.field(default_factory=dict)  # other activation -> epsilon
+    before_activation: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio one of those takes
     ratio_args: Dict[str, Set[int]] = dataclasses.field(default_factory=dict)  # reader -> positions skipped
+    # addition -> epsilon: its ratio at output, the sum recomputed from terms that other steps keep
+    recomputed_sums: Dict[str, float] = dataclasses.field(default_factory=dict)
+    after_copy: Set[str] = dataclasses.field(default_factory=set)  # layers whose ratio their readers take on a copy
+    # reader -> {position: (epsilon, reuse)}: the ratio of a copied value, taken on that argument
+    at_inputs: Dict[str, Dict[int, Tuple[float, bool]]] = dataclasses.field(default_factory=dict)
 
 
-def fused_ratios(gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> FusedRatios:
-    """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order."""
-    walk = _Walk(gm, rules, captured)
-    values = {}  # epsilon layer -> the value its readers take unmultiplied (its output or its ReLU's)
+def fused_ratios(
+    gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str], carrying: Optional[Set[str]] = None
+) -> FusedRatios:
+    """Plan the fused ratios of ``gm`` under ``rules``; nodes in ``captured`` keep the plain order.
+
+    ``carrying``: the qualified names of the nodes relevance reaches; a reader
+    outside it (a query projection under CP-LRP, the variance of a norm) takes
+    no relevance and does not stand in the way of a fused step.
+    """
+    walk = _Walk(gm, rules, captured, carrying)
+    values = {}  # epsilon layer -> the value its readers take unmultiplied (its output or its activation's)
     for node in gm.graph.find_nodes(op="call_module"):
         if node.target in captured or not is_plain_epsilon(rules.get(node.target)):
             continue
-        relu = _single_relu_reader(gm, node, rules, captured)
-        if relu is not None and walk.uses(relu) is not None:
-            values[node] = relu
+        activation = _single_activation_reader(gm, node, rules, captured)
+        if activation is not None and walk.uses(activation) is not None:
+            values[node] = activation
         elif walk.uses(node) is not None:
             values[node] = node
     _drop_partly_fused_concatenations(values, walk)
     fused = FusedRatios()
     for node, value in values.items():
-        _plan_layer(fused, gm, node, value, rules[node.target].STABILITY_FACTOR)
+        _plan_layer(fused, gm, walk, node, value, rules[node.target].STABILITY_FACTOR)
         for reader, position in walk.uses(value)[0]:
             fused.ratio_args.setdefault(reader.target, set()).add(position)
+    _plan_recomputed_sums(fused, gm, walk, values)
     return fused
 
 
-def _plan_layer(fused: FusedRatios, gm: fx.GraphModule, node: fx.Node, value: fx.Node, epsilon: float) -> None:
+def _plan_recomputed_sums(
+    fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", values: Dict[fx.Node, fx.Node]
+) -> None:
+    """Additions, in graph order, whose terms are all values that a step keeps whole: outputs with
+    their ratio at output, ReLU outputs with theirs (not sums that are recomputed themselves)."""
+    kept = {node for node in values if node.target in fused.at_output} | {v for n, v in values.items() if v is not n}
+    for node in gm.graph.find_nodes(op="call_module"):
+        if node not in kept or type(gm.get_submodule(node.target)) is not Addition or len(node.args) < 2:
+            continue
+        if node.kwargs or node.target in fused.in_place_additions:
+            continue
+        if all(_kept_whole(term, kept, walk) for term in node.args):
+            fused.recomputed_sums[node.target] = fused.at_output.pop(node.target)[0]
+            kept.discard(node)
+
+
+def _kept_whole(term: Any, kept: Set[fx.Node], walk: "_Walk") -> bool:
+    """Whether ``term`` is a value in ``kept``, or a view of one (moves and identities that copy nothing)."""
+    while isinstance(term, fx.Node) and term not in kept:
+        source = term.args[0] if term.args else None
+        if not isinstance(source, fx.Node) or not (_moves_only(term, source) or walk.is_identity(term, source)):
+            return False
+        if _has_own_memory(term, source):
+            return False
+        term = source
+    return isinstance(term, fx.Node)
+
+
+def _plan_layer(
+    fused: FusedRatios, gm: fx.GraphModule, walk: "_Walk", node: fx.Node, value: fx.Node, epsilon: float
+) -> None:
     module = gm.get_submodule(node.target)
-    output_not_kept = type(module) in _OUTPUT_NOT_KEPT
-    if value is not node:
+    output_not_kept = _output_not_kept(module)
+    if value is not node and _is_relu(gm.get_submodule(value.target)):
         fused.relus[value.target] = (epsilon, output_not_kept)
         fused.before_relu.add(node.target)
+    elif value is not node:
+        fused.activations[value.target] = epsilon
+        fused.before_activation.add(node.target)
     elif _is_eval_batch_norm(module):
         fused.batch_norms[node.target] = epsilon
         if _can_add_in_place(gm, node):
             fused.in_place_additions.add(next(iter(node.users)).target)
     else:
-        fused.at_output[node.target] = (epsilon, output_not_kept)
+        # Only where the layer keeps no ``z`` itself is the step better taken on the copy (``z`` is then freed).
+        copy = _last_copy(node, walk) if output_not_kept else None
+        if copy is None:
+            fused.at_output[node.target] = (epsilon, output_not_kept)
+        else:
+            fused.after_copy.add(node.target)
+            _plan_after_copy(fused, gm, walk.uses(copy)[0], epsilon)
+
+
+def _output_not_kept(module: nn.Module) -> bool:
+    """Whether ``module`` returns a fresh tensor that its own backward does not keep (exact types)."""
+    if type(module) is M.LinearFunction:
+        return getattr(module.fn, "overloadpacket", None) in _OPERATIONS_NOT_KEEPING_OUTPUT
+    return type(module) in _OUTPUT_NOT_KEPT
+
+
+def _plan_after_copy(fused: FusedRatios, gm: fx.GraphModule, uses: List[Tuple[fx.Node, int]], epsilon: float) -> None:
+    """The ratio of a copied value, taken by its readers on their arguments (the copy)."""
+    takers = [(reader, i) for reader, i in uses if i not in _constant_inputs(gm, reader)]
+    # Overwriting the copy is safe once the one reader taking the step has run its backward, if that
+    # reader alone reads the copy (it keeps the other views for itself: attention's queries and keys).
+    reuse = len(takers) == 1 and len({reader for reader, _ in uses}) == 1
+    for reader, i in takers:
+        fused.at_inputs.setdefault(reader.target, {})[i] = (epsilon, reuse)
+
+
+def _constant_inputs(gm: fx.GraphModule, reader: fx.Node) -> Set[int]:
+    """The argument positions of ``reader`` that relevance never enters."""
+    constant = getattr(gm.get_submodule(reader.target), "constant_inputs", ())
+    return set(range(len(reader.args))) if constant == "all" else set(constant)
+
+
+def _last_copy(node: fx.Node, walk: "_Walk") -> Optional[fx.Node]:
+    """The last copy of ``node``'s value on the one path it takes before it branches, if any.
+
+    The path follows single readers that only move the value (views,
+    reshapes, eval-mode identities); a copy is a move whose captured output
+    (``meta["val"]``) has memory of its own. ``None`` where the value is not
+    copied, or reaches a concatenation (whose parts take their ratio alone).
+    """
+    copy, current = None, node
+    while len(current.users) == 1:
+        (reader,) = current.users
+        if not (_moves_only(reader, current) or walk.is_identity(reader, current)):
+            break
+        if _has_own_memory(reader, current):
+            copy = reader
+        current = reader
+    if copy is None or walk.uses(copy)[1]:
+        return None
+    return copy
+
+
+def _has_own_memory(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node``'s captured value shares no memory with ``source``'s (a copy, not a view)."""
+    value, original = node.meta.get("val"), source.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not isinstance(original, torch.Tensor):
+        return False
+    # torch private API, also used by torch's own fake-tensor passes; tests/unit/test_memory.py fails if it moves
+    return not torch._C._is_alias_of(value, original)
 
 
 class _Walk:
     """Where a value goes: to epsilon layers, directly or through concatenations."""
 
-    def __init__(self, gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str]) -> None:
-        self.gm, self.rules, self.captured = gm, rules, captured
+    def __init__(
+        self, gm: fx.GraphModule, rules: Dict[str, PropagationRule], captured: Set[str], carrying: Optional[Set[str]] = None
+    ) -> None:
+        self.gm, self.rules, self.captured, self.carrying = gm, rules, captured, carrying
 
     def uses(self, value: fx.Node) -> Optional[Tuple[List[Tuple[fx.Node, int]], List[fx.Node]]]:
         """``(epsilon layer, argument position)`` for every use, and the concatenations passed; ``None``
@@ -246,7 +429,7 @@ class _Walk:
             return None
         uses, concatenations = [], []
         for reader in value.users:
-            if _moves_only(reader, value) or self._is_identity(reader, value):  # its readers read the value
+            if _moves_only(reader, value) or self.is_identity(reader, value):  # its readers read the value
                 further = self.uses(reader)
                 if further is None:
                     return None
@@ -260,11 +443,19 @@ class _Walk:
                 concatenations += [reader] + further[1]
             elif self._is_epsilon_reader(reader, value):
                 uses += [(reader, i) for i, arg in enumerate(reader.args) if arg is value]
+            elif self._takes_no_relevance(reader):
+                continue  # relevance never flows back through it
             else:
                 return None
         return uses, concatenations
 
-    def _is_identity(self, node: fx.Node, value: fx.Node) -> bool:
+    def _takes_no_relevance(self, reader: fx.Node) -> bool:
+        """A reader that relevance does not reach (the graph's output takes it all)."""
+        if self.carrying is None or reader.op not in ("call_module", "call_function"):
+            return False
+        return reader.meta.get("qualname", reader.name) not in self.carrying
+
+    def is_identity(self, node: fx.Node, value: fx.Node) -> bool:
         """An eval-mode dropout or identity module on ``value`` with a pass-through rule and no capture."""
         if node.op != "call_module" or node.target in self.captured or node.args != (value,) or node.kwargs:
             return False
@@ -336,16 +527,32 @@ def _can_add_in_place(gm: fx.GraphModule, norm: fx.Node) -> bool:
     return type(module) is Addition and module.alpha == 1 and addition.args[:1] == (norm,) and addition.args.count(norm) == 1
 
 
-def _single_relu_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[str]) -> Optional[fx.Node]:
-    """The ReLU (pass-through rule, no capture) that is ``node``'s only reader, if any."""
+def _single_activation_reader(gm: fx.GraphModule, node: fx.Node, rules, captured: Set[str]) -> Optional[fx.Node]:
+    """The activation (pass-through rule, no capture) that is ``node``'s only reader, if any.
+
+    A ReLU, or any other module with that rule that maps ``node`` alone to
+    a tensor of its shape without writing into it (GELU, SiLU; not an
+    in-place one, whose input the step needs; not an identity, which the
+    readers see through anyway).
+    """
     if len(node.users) != 1:
         return None
-    (relu,) = node.users
-    if relu.op != "call_module" or relu.target in captured or relu.args != (node,) or relu.kwargs:
+    (activation,) = node.users
+    if activation.op != "call_module" or activation.target in captured:
         return None
-    if not _is_relu(gm.get_submodule(relu.target)):
+    if not isinstance(rules.get(activation.target), (PassThroughRule, IdentityRule)):
         return None
-    return relu if isinstance(rules.get(relu.target), (PassThroughRule, IdentityRule)) else None
+    module = gm.get_submodule(activation.target)
+    if _is_relu(module):
+        return activation if activation.args == (node,) and not activation.kwargs else None
+    arguments = activation.args[1:] + tuple(activation.kwargs.values())
+    if activation.args[:1] != (node,) or any(isinstance(a, fx.Node) for a in arguments):
+        return None
+    in_place = getattr(module, "inplace", False) or getattr(module, "kwargs", {}).get("inplace", False)
+    identity = type(module) in _IDENTITIES or isinstance(module, nn.Identity)
+    value, output = node.meta.get("val"), activation.meta.get("val")
+    same_shape = isinstance(value, Tensor) and isinstance(output, Tensor) and value.shape == output.shape
+    return activation if same_shape and not in_place and not identity else None
 
 
 def fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optional[Callable]:
@@ -353,6 +560,10 @@ def fused_forward(module: nn.Module, target: str, fused: FusedRatios) -> Optiona
     if target in fused.relus:
         epsilon, in_place = fused.relus[target]
         return lambda z, inplace=False: _ReluWithRatio.apply(z, epsilon, in_place)  # ``Activation`` passes ``inplace``
+    if target in fused.activations:
+        epsilon = fused.activations[target]
+        original = module.fn if isinstance(module, M.Function) else module.forward
+        return lambda z, *args, **kwargs: _ActivationWithRatio.apply(z, lambda x: original(x, *args, **kwargs), epsilon)
     if target in fused.batch_norms:
         return lambda x: _BatchNormWithRatio.apply(x, module, fused.batch_norms[target])
     if target in fused.in_place_additions:

@@ -3,7 +3,7 @@
 Each one computes exactly what the functional operation did, so the rewritten
 graph has the same outputs, and carries a known relevance rule (``rules.py``).
 """
-from typing import Any, Callable, Union
+from typing import Any, Callable, Tuple, Union
 
 import torch
 from captum.attr._utils.custom_modules import Addition_Module
@@ -17,10 +17,13 @@ __all__ = [
     "Stack",
     "Function",
     "Activation",
+    "Elementwise",
     "LinearFunction",
     "Tap",
     "Gate",
     "Product",
+    "GatedProduct",
+    "Lookup",
     "Softmax",
     "AttentionMatmul",
     "Attention",
@@ -116,6 +119,13 @@ class Activation(Function):
     """An elementwise activation (``F.relu``, ``F.gelu``, ...): relevance passes unchanged."""
 
 
+class Elementwise(Activation):
+    """An elementwise activation written out in operations (``fn`` is their graph): relevance passes unchanged."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(str(n.target).split(".")[-2] for n in self.fn.graph.nodes if n.op == "call_function")
+
+
 class LinearFunction(Function):
     """A function linear in ``x`` (pooling, mean, ``F.linear``): epsilon rule."""
 
@@ -150,8 +160,29 @@ class Product(nn.Module):
         return a * b
 
 
+class GatedProduct(Product):
+    """``signal * act(gate)``: a gated linear unit (SwiGLU, GeGLU), the activated factor second.
+
+    By default relevance is split in half between the factors (AttnLRP's
+    uniform rule); the ``cp-lrp`` preset holds the activated factor constant.
+    """
+
+
+class Lookup(Function):
+    """``embedding(table, indices)``: rows of a table looked up by indices (``nn.Embedding``).
+
+    The indices carry no relevance. Relevance reaching the output is moved
+    back to the rows looked up, and ends there unless the table itself
+    depends on the inputs: with token ids as inputs, the output is where
+    relevance per token is read (``LayerLRP`` at the embedding).
+    """
+
+    constant_inputs = (1,)
+
+
 class Softmax(Function):
-    """A softmax: under LRP its output (attention probabilities) is a constant."""
+    """A softmax. By default (CP-LRP) its output (attention probabilities) is a constant
+    for relevance; AttnLRP propagates relevance through it (:class:`~captum_graph.rules.SoftmaxRule`)."""
 
     constant_inputs = "all"
 
@@ -165,10 +196,12 @@ class AttentionMatmul(Function):
 
 
 class Attention(Function):
-    """``scaled_dot_product_attention(q, k, v, ...)``: the probabilities are constants (CP-LRP).
+    """``scaled_dot_product_attention(q, k, v, ...)``: by default the probabilities are constants (CP-LRP).
 
     Relevance flows to the values only, by the epsilon rule; queries, keys and
-    the mask receive none.
+    the mask receive none. Under AttnLRP
+    (:class:`~captum_graph.rules.AttnLRPAttentionRule`) queries and keys receive
+    relevance through the softmax too.
     """
 
     constant_inputs = (0, 1, 3)
@@ -184,13 +217,19 @@ class Matmul(Function):
 class TokensToGrid(nn.Module):
     """Patch tokens ``(N, T, C)`` as a feature map ``(N, C, h, w)``.
 
-    ``h, w`` are read from ``reference``, a feature map of the same grid (the
-    patch embedding's output), at every call: never hard-coded. The first
-    ``T - h*w`` tokens (class and register tokens) are left out.
+    ``h, w`` are read from ``reference`` at every call, never hard-coded: from
+    its dimensions ``grid_dims``, those of a feature map of the same grid (the
+    patch embedding's output) by default, or the patch counts of the reshape
+    that cuts the image into patches. The first ``T - h*w`` tokens (class and
+    register tokens) are left out.
     """
 
+    def __init__(self, grid_dims: Tuple[int, int] = (-2, -1)) -> None:
+        super().__init__()
+        self.grid_dims = grid_dims
+
     def forward(self, tokens: Tensor, reference: Tensor) -> Tensor:
-        h, w = reference.shape[-2:]
+        h, w = (reference.shape[d] for d in self.grid_dims)
         patches = tokens[:, tokens.shape[1] - h * w :, :]
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 

@@ -9,7 +9,7 @@ operator (``aten.add`` stands for all its overloads), so ``x + y``,
 import functools
 import inspect
 import operator
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.fx as fx
@@ -29,6 +29,7 @@ __all__ = [
     "qualify_names",
     "fold_batch_norms",
     "unshare_modules",
+    "elementwise_functions_to_modules",
     "functional_to_modules",
     "DATA_MOVEMENT",
     "moves_data",
@@ -83,44 +84,72 @@ def _reads_metadata(node: fx.Node) -> bool:
 #: not explained (Captum's ``additional_forward_args``), so no relevance flows into it.
 CONSTANT_INPUT = "captum_graph_constant_input"
 
+#: Operators that look rows of a table up by indices (``nn.Embedding``): where the indices come from
+#: an integer input (token ids), relevance starts at the rows looked up.
+LOOKUPS = frozenset({aten.embedding})
+
 
 def input_dependent_nodes(graph: fx.Graph) -> Set[fx.Node]:
-    """Nodes whose value depends on an explained graph input's values.
+    """Nodes whose value depends on the values of an explained floating-point graph input, or on
+    an embedding lookup at indices read from an explained graph input.
 
-    Shapes and sizes (``aten.sym_size``), tensors made from them alone
-    (``new_zeros``), placeholders marked :data:`CONSTANT_INPUT` and what is
-    computed from those carry no relevance.
+    Integer and boolean inputs (token ids, attention masks) carry no
+    relevance themselves: relevance ends at the rows an embedding looks up
+    with them, and a mask made from them is a constant. Shapes and sizes
+    (``aten.sym_size``), tensors made from them alone (``new_zeros``),
+    placeholders marked :data:`CONSTANT_INPUT` and what is computed from
+    those carry no relevance either.
     """
+    read: Set[fx.Node] = set()  # depends on some input's values
     reached: Set[fx.Node] = set()
     for node in graph.nodes:
-        if (node.op == "placeholder" and not node.meta.get(CONSTANT_INPUT)) or (
-            not _reads_metadata(node) and any(arg in reached for arg in node.all_input_nodes)
-        ):
-            reached.add(node)
+        if node.op == "placeholder":
+            if not node.meta.get(CONSTANT_INPUT):
+                read.add(node)
+                if _is_floating(node):
+                    reached.add(node)
+        elif not _reads_metadata(node) and any(arg in read for arg in node.all_input_nodes):
+            read.add(node)
+            if _packet(node) in LOOKUPS or any(arg in reached for arg in node.all_input_nodes):
+                reached.add(node)
     return reached
 
 
-def relevance_carrying_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
+def _is_floating(node: fx.Node) -> bool:
+    """Whether a placeholder holds a floating-point (or complex) tensor; unknown counts as floating."""
+    value = node.meta.get("val")
+    return not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype.is_complex
+
+
+ConstantInputs = Union[str, Tuple[int, ...]]
+
+
+def relevance_carrying_nodes(
+    gm: fx.GraphModule, constant_inputs: Optional[Callable[[fx.Node], ConstantInputs]] = None
+) -> Set[fx.Node]:
     """Input-dependent nodes that relevance reaches from the output.
 
-    Relevance does not enter a module's ``constant_inputs`` (a gate, a
+    Relevance does not enter a module's constant inputs (a gate, a
     normalising factor, attention scores before a constant softmax), so what
-    only feeds those needs no rule.
+    only feeds those needs no rule. ``constant_inputs(node)`` gives them for a
+    ``call_module`` node (argument positions, or ``"all"``); by default the
+    module's ``constant_inputs`` attribute (a rule may declare others: see
+    :func:`captum_graph.rules.constant_inputs`).
     """
     dependent = input_dependent_nodes(gm.graph)
+    constant_inputs = constant_inputs or (lambda node: getattr(gm.get_submodule(node.target), "constant_inputs", ()))
     reached: Set[fx.Node] = set()
     frontier = [n for n in gm.graph.find_nodes(op="output")]
     while frontier:
         node = frontier.pop()
-        for arg in _relevance_inputs(gm, node):
+        for arg in _relevance_inputs(node, constant_inputs(node) if node.op == "call_module" else ()):
             if arg in dependent and arg not in reached:
                 reached.add(arg)
                 frontier.append(arg)
     return reached
 
 
-def _relevance_inputs(gm: fx.GraphModule, node: fx.Node) -> List[fx.Node]:
-    constant = getattr(gm.get_submodule(node.target), "constant_inputs", ()) if node.op == "call_module" else ()
+def _relevance_inputs(node: fx.Node, constant: ConstantInputs) -> List[fx.Node]:
     if constant == "all":
         return []
     return [arg for i, arg in enumerate(node.args) if isinstance(arg, fx.Node) and i not in constant] + [
@@ -497,6 +526,108 @@ def _folded(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> nn.Modul
 
 
 # ---------------------------------------------------------------------------
+# elementwise_functions_to_modules
+# ---------------------------------------------------------------------------
+# Pointwise operators that are linear in their tensor argument (with scalar constants), and casts.
+_LINEAR_POINTWISE = frozenset({aten.add, aten.sub, aten.rsub, aten.mul, aten.div, aten.neg, aten.clone, aten._to_copy})
+# Products: of two functions of the same tensor, the mark of an activation written out.
+_PRODUCTS = frozenset({aten.mul, aten.div, aten.addcmul, aten.addcdiv})
+# Statistics: a pointwise function of one is a normalising factor, recognised where it divides.
+_REDUCTIONS = frozenset({
+    aten.mean, aten.sum, aten.var, aten.std, aten.var_mean, aten.amax, aten.amin, aten.max, aten.min,
+    aten.norm, aten.linalg_vector_norm, aten.frobenius_norm, aten.logsumexp, aten.prod,
+})
+
+
+def elementwise_functions_to_modules(gm: fx.GraphModule) -> bool:
+    """Turn an elementwise activation written out in operations into one :class:`Elementwise` module.
+
+    Matches a connected group of pointwise ATen operations (and casts)
+    computing a function of one input-dependent tensor ``x`` with scalar
+    constants only, read outside the group at one node, that multiplies two
+    functions of ``x`` of which one is non-linear:
+    ``0.5 * x * (1 + tanh(c * (x + 0.044715 * x ** 3)))`` (GPT-2's GELU),
+    ``x * relu6(x + 3) / 6`` (not a sigmoid gate ``x * sigmoid(x)``, a
+    :class:`Gate` already). It becomes one module on
+    ``x`` (relevance passes through, as for any elementwise activation)
+    instead of additions of constants and a product of two signals, which
+    would absorb and split relevance. Chains of activations without such a
+    product keep a module each (``relu`` stays a layer). A function of a
+    statistic (``sqrt(var + eps)``) is left to the normalising-factor rules.
+    Idempotent: it matches ``call_function`` nodes only.
+    """
+    dependent = input_dependent_nodes(gm.graph)
+    roots: Dict[fx.Node, fx.Node] = {}  # node -> the one tensor it is an elementwise function of
+    for node in gm.graph.nodes:
+        root = _elementwise_root(node, dependent, roots)
+        if root is not None:
+            roots[node] = root
+    changed = False
+    for group in _connected_groups(roots):
+        readout = [n for n in group if any(user not in group for user in n.users)]
+        nonlinear = any(_packet(n) not in _LINEAR_POINTWISE for n in group)
+        product = any(_is_signal_product(n) for n in group)
+        root = roots[group[0]]
+        if len(readout) != 1 or not (nonlinear and product) or _packet(root) in _REDUCTIONS:
+            continue
+        _replace_with_module(gm, readout[0], M.Elementwise(_subgraph(group, root, readout[0])), (root,))
+        for node in reversed(group):
+            if node is not readout[0]:  # replaced and erased already
+                gm.graph.erase_node(node)
+        changed = True
+    return _finish(gm, changed)
+
+
+def _is_signal_product(node: fx.Node) -> bool:
+    """A product of two signals, neither a sigmoid-like gate (``x * sigmoid(x)`` is a :class:`Gate`)."""
+    factors = node.all_input_nodes
+    return _packet(node) in _PRODUCTS and len(factors) > 1 and not any(_packet(f) in _GATES for f in factors)
+
+
+def _elementwise_root(node: fx.Node, dependent: Set[fx.Node], roots: Dict[fx.Node, fx.Node]) -> Optional[fx.Node]:
+    """The tensor ``node`` is a pointwise function of (with scalar constants), or ``None``."""
+    if node.op != "call_function" or node not in dependent or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if torch.Tag.pointwise not in node.target.tags and _packet(node) is not aten._to_copy:
+        return None
+    arguments = list(node.args) + list(node.kwargs.values())
+    if any(isinstance(a, (list, tuple)) for a in arguments):
+        return None
+    tensors = [a for a in arguments if isinstance(a, fx.Node)]
+    if not tensors or any(a not in dependent for a in tensors):
+        return None  # a constant tensor (a weight, a mask) makes it no function of one tensor
+    found = {roots.get(a, a) for a in tensors}
+    return found.pop() if len(found) == 1 else None
+
+
+def _connected_groups(roots: Dict[fx.Node, fx.Node]) -> List[List[fx.Node]]:
+    """The nodes of ``roots`` in groups linked by their arguments, each in graph order."""
+    group_of: Dict[fx.Node, List[fx.Node]] = {}
+    for node in roots:  # graph order
+        linked = [group_of[a] for a in node.all_input_nodes if a in group_of]
+        group = linked[0] if linked else []
+        for other in linked[1:]:
+            if other is not group:
+                group.extend(other)
+                for member in other:
+                    group_of[member] = group
+        group.append(node)
+        group_of[node] = group
+    unique = {id(g): g for g in group_of.values()}
+    order = {node: i for i, node in enumerate(roots)}
+    return [sorted(g, key=order.__getitem__) for g in unique.values()]
+
+
+def _subgraph(group: List[fx.Node], root: fx.Node, readout: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env = {root: graph.placeholder("x")}
+    for node in group:
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[readout])
+    return fx.GraphModule(nn.Module(), graph, "elementwise")
+
+
+# ---------------------------------------------------------------------------
 # functional_to_modules
 # ---------------------------------------------------------------------------
 ADDITIONS = frozenset({aten.add})
@@ -526,6 +657,8 @@ LINEAR_FUNCTIONS = frozenset({
     aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa, aten.amax, aten.max, aten.addcmul,
     aten.col2im,  # F.fold sums overlapping patches: split by contribution, not copied
 })
+#: ``beta * c + alpha * (a @ b)``: linear where one factor is a constant (transformers' ``Conv1D``).
+AFFINE_PRODUCTS = frozenset({aten.addmm, aten.baddbmm})
 #: Operators that move relevance (data movement, casts, padding, selection): nothing created or lost.
 DATA_MOVEMENT = VIEWS | frozenset({
     aten.clone, aten.roll, aten.flip, aten.pad, aten.constant_pad_nd, aten.reflection_pad1d,
@@ -559,10 +692,12 @@ def functional_to_modules(gm: fx.GraphModule) -> bool:
     :class:`Addition`; subtractions -> :class:`Subtraction`; products and
     divisions by a constant or by a normalising factor (a norm, ``rsqrt``
     of a mean square) -> :class:`Scale`; products with a sigmoid-like gate ->
-    :class:`Gate`, of two other signals -> :class:`Product`; ``cat`` /
-    ``stack`` -> :class:`Concatenate` / :class:`Stack`; elementwise
-    activations -> :class:`Activation`; convolutions, pooling, norms, means,
-    interpolation and other linear functions -> :class:`LinearFunction`;
+    :class:`Gate`, of an activation's output and another signal (a gated
+    linear unit: SwiGLU, GeGLU) -> :class:`GatedProduct`, of two other
+    signals -> :class:`Product`; ``cat`` / ``stack`` -> :class:`Concatenate` /
+    :class:`Stack`; elementwise activations -> :class:`Activation`; convolutions, pooling, norms, means,
+    interpolation, ``addmm`` with a constant factor and other linear
+    functions -> :class:`LinearFunction`; embedding lookups -> :class:`Lookup`;
     ``x ** c`` counts as an activation; softmax -> :class:`Softmax`; attention (``scaled_dot_product_attention``)
     -> :class:`Attention`; matrix products -> :class:`AttentionMatmul` or
     :class:`Matmul`. The new module is registered under the node's qualified
@@ -606,6 +741,10 @@ def _module_for(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Mod
         return _function_module(M.Activation, node)
     if op in LINEAR_FUNCTIONS:
         return _linear_function(node, dependent)
+    if op in AFFINE_PRODUCTS:
+        return _affine_product(node, dependent)
+    if op in LOOKUPS:
+        return _function_module(M.Lookup, node)
     return None
 
 
@@ -661,7 +800,27 @@ def _product(node: fx.Node) -> Optional[Tuple[nn.Module, tuple]]:
         return M.Gate(), (a, b)
     if _is_gate(a):
         return M.Gate(), (b, a)
+    if _is_activated(a) != _is_activated(b):  # act(gate(x)) * up(x): SwiGLU, GeGLU
+        return M.GatedProduct(), (b, a) if _is_activated(a) else (a, b)
     return M.Product(), (a, b)
+
+
+# Elementwise activations whose output gates a product in a gated linear unit.
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Mish, nn.Softplus, nn.Tanh, nn.Hardtanh,
+)
+_DROPOUTS = frozenset({aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout})
+
+
+def _is_activated(node: Any) -> bool:
+    """Whether ``node`` is the output of an elementwise activation (already a module), not a dropout."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return False
+    module = node.graph.owning_module.get_submodule(node.target)
+    if isinstance(module, M.Activation):
+        return _packet(node) not in _DROPOUTS
+    return isinstance(module, _ACTIVATION_MODULES)
 
 
 def _matmul(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
@@ -694,6 +853,13 @@ def _comes_from_softmax(node: fx.Node) -> bool:
 
 def _linear_function(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
     if _packet(node) is aten.addcmul and sum(a in dependent for a in node.args[:3]) != 1:
+        return None  # a product of two signals: no linear rule
+    return _function_module(M.LinearFunction, node)
+
+
+def _affine_product(node: fx.Node, dependent: Set[fx.Node]) -> Optional[Tuple[nn.Module, tuple, dict]]:
+    """``c + a @ b`` with one of ``a``, ``b`` a constant (``torch.addmm(bias, x, w)``: a linear layer)."""
+    if sum(a in dependent for a in node.args[1:3]) != 1:
         return None  # a product of two signals: no linear rule
     return _function_module(M.LinearFunction, node)
 

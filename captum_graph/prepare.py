@@ -16,6 +16,7 @@ from .cloning import borrowed, private_copy
 from .passes import (
     CONSTANT_INPUT,
     calls_to_modules,
+    elementwise_functions_to_modules,
     fold_batch_norms,
     functional_to_modules,
     is_torch_layer,
@@ -272,6 +273,7 @@ def rewrite_passes(model_copy: nn.Module, fold_batch_norm: bool = False) -> Tupl
         functools.partial(calls_to_modules, model=model_copy, is_leaf=_is_leaf),
         qualify_names,
         unshare_modules,
+        elementwise_functions_to_modules,
         functional_to_modules,
     ) + ((fold_batch_norms,) if fold_batch_norm else ())
 

@@ -45,7 +45,7 @@ def model_report(model: nn.Module, preset: Optional[str] = None, inputs: Optiona
             f"{a.qualname}: a product of two input-dependent tensors with no known role; "
             "relevance is split in half between them (UniformSplitRule)"
             for a in assignments
-            if isinstance(a.rule, UniformSplitRule)
+            if isinstance(a.rule, UniformSplitRule) and a.source == "default"  # a preset's split is chosen
         ],
     }
 

@@ -39,6 +39,10 @@ __all__ = [
     "ZBoxRule",
     "UniformSplitRule",
     "ConstantRule",
+    "GateRule",
+    "SoftmaxRule",
+    "AttnLRPAttentionRule",
+    "constant_inputs",
     "register_rule",
     "Preset",
     "PRESETS",
@@ -91,8 +95,34 @@ class ConstantRule(PropagationRule):
     the values through the product, and none the queries and keys.
     """
 
+    constant_inputs = "all"
+
     def _manipulate_weights(self, module, inputs, outputs) -> None:
         pass
+
+
+class GateRule(PassThroughRule):
+    """``signal * gate`` with the gate (the second factor) a constant: all relevance goes to the signal.
+
+    ``R_signal = R_out``, ``R_gate = 0``. The ``cp-lrp`` preset's rule for gated
+    linear units (SwiGLU's ``up(x) * silu(gate(x))``): CP-LRP (Ali et al. 2022)
+    holds the non-linear interactions constant, and LXT's CP-LRP variant
+    detaches the gate so. Sigmoid gates (:class:`~captum_graph.modules.Gate`)
+    are treated so by default.
+    """
+
+    constant_inputs = (1,)
+
+
+def constant_inputs(module: nn.Module, rule: Optional[PropagationRule]) -> Union[str, Tuple[int, ...]]:
+    """Positions of ``module``'s arguments that relevance does not enter under ``rule`` (or ``"all"``).
+
+    A rule's ``constant_inputs`` attribute wins over the module's: under
+    AttnLRP the queries and keys of an attention carry relevance, which
+    CP-LRP holds constant.
+    """
+    declared = getattr(rule, "constant_inputs", None)
+    return declared if declared is not None else getattr(module, "constant_inputs", ())
 
 
 class ExplicitRule(PropagationRule):
@@ -418,6 +448,58 @@ class UniformSplitRule(ExplicitRule):
         return tuple(next(found) if isinstance(x, Tensor) and x.requires_grad else None for x in inputs)
 
 
+class SoftmaxRule(ExplicitRule):
+    """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1).
+
+    For ``s = softmax(x)`` along ``dim``: ``R_x = x * (R_s - s * sum(R_s))``,
+    the first-order Taylor terms of the softmax at ``x`` (``x * J^T (R_s / s)``,
+    no epsilon). It is not conservative: per softmax row, ``sum(R_x) =
+    sum_j R_s_j (x_j - sum_i s_i x_i)``; the rest is the bias term of the
+    linearisation, absorbed. Positions masked with ``-inf`` (``s = 0``) get
+    none. Queries and keys before the softmax therefore carry relevance.
+    """
+
+    constant_inputs = ()
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def relevance(self, module, inputs, relevance):
+        x = inputs[0]
+        dim = _softmax_dim(module, inputs)
+        s = module(*inputs).to(relevance.dtype)
+        shares = x * (relevance - s * relevance.sum(dim, keepdim=True))
+        return (torch.where(torch.isfinite(x), shares, torch.zeros_like(shares)),) + (None,) * (len(inputs) - 1)
+
+
+def _softmax_dim(module: nn.Module, inputs: Tuple) -> int:
+    dim = module.dim if isinstance(module, nn.Softmax) else inputs[1] if len(inputs) > 1 else module.kwargs.get("dim")
+    if not isinstance(dim, int):
+        raise ValueError(f"SoftmaxRule needs the softmax's dimension; {type(module).__name__} has dim={dim!r}")
+    return dim
+
+
+class AttnLRPAttentionRule(EpsilonRule):
+    """AttnLRP on ``scaled_dot_product_attention`` (Achtibat et al. 2024).
+
+    Inside the attention: the uniform rule on both matrix products (``q k^T``
+    and ``softmax(...) v``: half the relevance to each factor, eq. 7) and
+    :class:`SoftmaxRule` on the softmax; relevance reaches queries, keys and
+    values (the mask gets none). Computed in one backward pass of the fused
+    attention through the Gradient x Input identity of these rules: the
+    gradient reaching the values is halved and that reaching queries and
+    keys quartered (as LXT does). Epsilon stabilises the output, as
+    :class:`~captum.attr._utils.lrp_rules.EpsilonRule`.
+
+    With ``o = p v``, ``p = softmax(s)``, ``s = q k^T / sqrt(d) + mask`` and
+    ``r = R_o / (o + eps sign(o))``: ``R_v = v * (p^T r) / 2``,
+    ``R_p = p * (r v^T) / 2``, ``R_s = s * (R_p - p * sum(R_p))``, and with
+    ``t = R_s / (q k^T)``: ``R_q = q * (t k) / 2``, ``R_k = k * (t^T q) / 2``.
+    """
+
+    constant_inputs = (3,)
+
+
 # ---------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------
@@ -428,7 +510,7 @@ PASS_THROUGH_TYPES: Tuple[type, ...] = (
     nn.Identity,
 )
 MOVE_TYPES: Tuple[type, ...] = (
-    M.Concatenate, M.Tap, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
+    M.Concatenate, M.Tap, M.Lookup, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
     nn.PixelUnshuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
 )
 EPSILON_TYPES: Tuple[type, ...] = (
@@ -718,6 +800,34 @@ PRESETS: Dict[str, Preset] = {"epsilon": Preset("epsilon")}
 PRESETS.update({name: build() for name, build in _ZENNIT_BUILDERS.items()})
 PRESETS.update({name + POSITIONWISE: build(positionwise=True) for name, build in _ZENNIT_BUILDERS.items()})
 
+_SOFTMAXES = (M.Softmax, nn.Softmax)
+_PRODUCTS = (M.Product, M.Matmul, M.AttentionMatmul)  # GatedProduct is a Product
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)  # linearised: the standard deviation is a constant
+
+# CP-LRP (Ali et al. 2022): attention probabilities, normalising factors and the activated
+# factor of gated linear units are constants; the network is then linear in what carries relevance.
+PRESETS["cp-lrp"] = Preset(
+    "cp-lrp",
+    linear=EpsilonRule,
+    layers=(
+        (_SOFTMAXES, ConstantRule),
+        ((M.Attention, M.AttentionMatmul) + _NORMS, EpsilonRule),
+        ((M.GatedProduct,), GateRule),
+    ),
+)
+# AttnLRP (Achtibat et al. 2024): softmax by its own rule, uniform split of products, identity
+# on normalisation (its factor constant) and on elementwise activations, epsilon elsewhere.
+PRESETS["attn-lrp"] = Preset(
+    "attn-lrp",
+    linear=EpsilonRule,
+    layers=(
+        (_SOFTMAXES, SoftmaxRule),
+        ((M.Attention,), AttnLRPAttentionRule),
+        (_PRODUCTS, UniformSplitRule),
+        (_NORMS, EpsilonRule),
+    ),
+)
+
 
 # ---------------------------------------------------------------------------
 # assignment
@@ -766,7 +876,13 @@ def assign_rules(
     _check_names_exist(gm, by_name)
     chosen_preset = _preset(preset)
     first_layer = _first_layer(gm, chosen_preset.first_kinds) if chosen_preset is not None else None
-    carrying = relevance_carrying_nodes(gm)
+    chosen = {}  # a module call -> (module, rule, source); a rule may decide which inputs carry relevance
+    for node in gm.graph.find_nodes(op="call_module"):
+        module = gm.get_submodule(node.target)
+        origin = (origins or {}).get(str(node.target))
+        own_rule = getattr(origin() if origin is not None else None, "rule", None)
+        chosen[node] = (module,) + _rule_for(node, module, own_rule, by_name, by_type, chosen_preset, node is first_layer)
+    carrying = relevance_carrying_nodes(gm, lambda node: constant_inputs(*chosen[node][:2]))
     assignments = []
     for node in gm.graph.nodes:
         written = node.meta.get("inplace_on_view")
@@ -775,10 +891,7 @@ def assign_rules(
         if node not in carrying or node.op in ("placeholder", "output") or written:
             continue
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            origin = (origins or {}).get(str(node.target))
-            own_rule = getattr(origin() if origin is not None else None, "rule", None)
-            rule, source = _rule_for(node, module, own_rule, by_name, by_type, chosen_preset, node is first_layer)
+            module, rule, source = chosen[node]
             problem = None if rule is not None else _missing_rule_message(node, module)
             if source.startswith("preset") and _has_input_dependent_weight(node, module, carrying):
                 rule, problem = None, _input_dependent_weight_message(node, chosen_preset)

@@ -162,7 +162,8 @@ def _tapped(
         if at_input:
             taps[name] = _tap_inputs(graph, copies[node], name)
         else:
-            taps.update(_tap_output(graph, copies[node], name, None if reference is None else copies[reference]))
+            grid = None if reference is None else (copies[reference], architecture.token_grid_dims(reference.name))
+            taps.update(_tap_output(graph, copies[node], name, *(grid or (None,))))
     owners = {
         n.target: _fetch(source, n.target)
         for n in graph.nodes
@@ -184,8 +185,11 @@ def _check_called_directly(model: nn.Module, prepared: PreparedModel, layer: Opt
         )
 
 
-def _tap_output(graph: fx.Graph, node: fx.Node, name: str, reference: Optional[fx.Node]) -> Dict[str, nn.Module]:
-    """A tap after ``node``, read by every reader of ``node``; for tokens, their grid and back."""
+def _tap_output(
+    graph: fx.Graph, node: fx.Node, name: str, reference: Optional[fx.Node], grid_dims: Any = None
+) -> Dict[str, nn.Module]:
+    """A tap after ``node``, read by every reader of ``node``; for tokens, their grid (``reference``'s
+    dimensions ``grid_dims``, see :meth:`ModelArchitecture.token_grid_dims`) and back."""
     with graph.inserting_after(node):
         if reference is None:
             tap_node = graph.call_module(name, (node,))
@@ -197,7 +201,7 @@ def _tap_output(graph: fx.Graph, node: fx.Node, name: str, reference: Optional[f
     node.replace_all_uses_with(last, delete_user_cb=lambda user: user not in (tap_node, last))
     if reference is None:
         return {name: Tap()}
-    return {name: TokensToGrid(), name + _UNTAP: GridToTokens()}
+    return {name: TokensToGrid(grid_dims), name + _UNTAP: GridToTokens()}
 
 
 def _tap_inputs(graph: fx.Graph, node: fx.Node, name: str) -> nn.Module:

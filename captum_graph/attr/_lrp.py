@@ -81,11 +81,14 @@ class _GraphLRPMixin:
         captures: Sequence[LayerCapture] = (),
         prepared: Optional[PreparedModel] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """Run forward and backward once; return target outputs and normalised input relevance.
+        """Run forward and backward once; return target outputs and input relevance.
 
         Runs on a working copy of the prepared graph borrowed for this call,
         with leaf aliases of the inputs (the caller's tensors keep their
-        ``requires_grad``, also for other threads using them).
+        ``requires_grad``, also for other threads using them). Relevance
+        starts as the target output itself (a layer whose rows are not the
+        examples, such as Swin's windows, then needs no rescaling) and, with
+        token ids as inputs, at the rows the embedding lookups return.
 
         Raises:
             NonFiniteError: an input holds NaN or infinite values, or the
@@ -96,29 +99,32 @@ class _GraphLRPMixin:
             prepared = self.prepared(inputs, additional_forward_args)  # once per call: the cache check fingerprints the model
         assignments = self._assignments(prepared, verbose)
         inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
+        floating = tuple(x for x in inputs if x.is_floating_point())  # token ids carry none
         with prepared.borrow() as gm:
-            with relevance_hooks(gm, assignments, captures), torch.enable_grad():
+            with relevance_hooks(gm, assignments, captures) as sources, torch.enable_grad():
                 outputs = _run_forward(gm, inputs, target, additional_forward_args)
                 if not outputs.requires_grad:
                     raise _no_relevance_path(self.model, inputs, assignments)
-                grads = torch.autograd.grad(torch.unbind(outputs), inputs, allow_unused=True)
+                grads = torch.autograd.grad(outputs, floating + tuple(sources), outputs.detach(), allow_unused=True)
             captured = tuple(r for capture in captures for r in capture.relevance.values())
-            if not is_finite((outputs,) + grads + captured):
+            if not is_finite((outputs,) + tuple(g for g in grads if g is not None) + captured):
                 run = lambda forward: _run_forward(forward, inputs, target, additional_forward_args)  # noqa: E731
                 where = locate_non_finite(gm, assignments, run, inputs, captures)
                 raise NonFiniteError(f"the relevance of finite inputs is not finite: {where}")
-        grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+        found = dict(zip(map(id, floating), grads))
+        grads = tuple(torch.zeros_like(x) if found.get(id(x)) is None else found[id(x)] for x in inputs)
         return outputs.detach(), grads
 
 
 def _no_relevance_path(model: nn.Module, inputs: Tuple[Tensor, ...], assignments: List[RuleAssignment]) -> ValueError:
-    """The error for a target output that no relevance path links to a floating-point input."""
+    """The error for a target output that no relevance path links to an input or an embedding lookup."""
     name = type(model).__name__
     if not any(x.is_floating_point() for x in inputs):
         kinds = ", ".join(sorted({str(x.dtype) for x in inputs}))
         return ValueError(
-            f"LRP on {name}: no input is floating point ({kinds}), so none can carry relevance; "
-            "pass floating-point inputs (for token ids: the embeddings, as inputs of the rest of the model)"
+            f"LRP on {name}: no input is floating point ({kinds}) and no embedding lookup reads one, so "
+            "nothing can carry relevance; pass floating-point inputs (for token ids: the embeddings, as "
+            "inputs of the rest of the model)"
         )
     constants = [a.qualname for a in assignments if isinstance(a.rule, ConstantRule)]
     where = f" The nodes LRP holds constant: {', '.join(constants)}." if constants else ""
@@ -129,8 +135,16 @@ def _no_relevance_path(model: nn.Module, inputs: Tuple[Tensor, ...], assignments
     )
 
 
-def _scaled(normalized: Tensor, output: Tensor) -> Tensor:
-    return normalized * output.reshape((-1,) + (1,) * (normalized.dim() - 1))
+def _check_floating(inputs: Tuple[Tensor, ...]) -> None:
+    for i, x in enumerate(inputs):
+        if not x.is_floating_point():
+            raise TypeError(
+                f"LRP attributes relevance to floating-point inputs, but input {i} is {x.dtype} "
+                "(token ids?). Read relevance at the embedding's output instead: "
+                "LayerLRP(model, model.get_input_embeddings()).attribute(input_ids, ...) summed over "
+                "the last dimension gives one value per token; or explain a wrapper that calls the "
+                "model with inputs_embeds=."
+            )
 
 
 class LRP(_GraphLRPMixin, _CaptumLRP):
@@ -153,7 +167,8 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
             composites: ``"epsilon-plus"``, ``"epsilon-plus-flat"``,
             ``"epsilon-alpha2-beta1"``, ``"epsilon-alpha2-beta1-flat"``,
             ``"epsilon-gamma-box"`` (input bounds [-3, 3]; other bounds:
-            ``preset=captum_graph.rules.epsilon_gamma_box(low, high)``), or a
+            ``preset=captum_graph.rules.epsilon_gamma_box(low, high)``); for
+            transformers ``"cp-lrp"`` or ``"attn-lrp"``; or a
             :class:`~captum_graph.rules.Preset`. README: "Choosing a preset".
         fold_batch_norm: merge each eval-mode batch norm into the convolution
             or linear layer feeding it before propagating (zennit's canonizer,
@@ -211,13 +226,14 @@ class LRP(_GraphLRPMixin, _CaptumLRP):
         """Relevance of each input feature; see :meth:`captum.attr.LRP.attribute`.
 
         Unlike Captum's (whose docstring says otherwise but whose code scales),
-        relevance sums to the target output, as here too.
+        relevance sums to the target output, as here too. Inputs must be
+        floating point: for token ids, use :class:`LayerLRP` at the embedding.
         """
         self.verbose = verbose
         is_tuple = _is_tuple(inputs)
         input_tuple = _format_tensor_into_tuples(inputs)
-        output, normalized = self._relevance_pass(input_tuple, target, additional_forward_args, verbose)
-        relevances = tuple(_scaled(r, output) for r in normalized)
+        _check_floating(input_tuple)
+        output, relevances = self._relevance_pass(input_tuple, target, additional_forward_args, verbose)
         formatted = _format_output(is_tuple, relevances)
         if return_convergence_delta:
             return formatted, self.compute_convergence_delta(relevances, output)
@@ -231,7 +247,10 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
     qualified name (``"layer1.0.add"``: a functional addition) or fx name
     (``"add_7"``), or a list of these. With ``attribute_to_layer_input=True``
     the relevance of each input of the layer is returned separately, e.g. the
-    skip connection's and the residual branch's at an addition.
+    skip connection's and the residual branch's at an addition. With token
+    ids as inputs, the embedding layer (``model.get_input_embeddings()``)
+    gives relevance per token and hidden unit: relevance starts at the rows an
+    embedding looks up. A layer that no relevance reaches gets zeros.
 
     Args:
         model: the model, as it is.
@@ -279,7 +298,7 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
                 )
         input_tuple = _format_tensor_into_tuples(inputs)
         output, _ = self._relevance_pass(input_tuple, target, additional_forward_args, verbose, captures, prepared)
-        relevances = [self._layer_relevance(capture, output) for capture in captures]
+        relevances = [self._layer_relevance(capture) for capture in captures]
         result = relevances if isinstance(self.layer, list) else relevances[0]
         if not return_convergence_delta:
             return result
@@ -287,8 +306,11 @@ class LayerLRP(_GraphLRPMixin, _CaptumLayerLRP):
             return result, [self.compute_convergence_delta(r, output) for r in relevances]
         return result, self.compute_convergence_delta(result, output)
 
-    def _layer_relevance(self, capture: LayerCapture, output: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]:
-        scaled = tuple(_scaled(capture.relevance[i], output) for i in sorted(capture.relevance))
-        if not scaled:
+    def _layer_relevance(self, capture: LayerCapture) -> Union[Tensor, Tuple[Tensor, ...]]:
+        found = tuple(capture.relevance[i] for i in sorted(capture.relevance))
+        if not found and capture.output_like is not None:  # it only feeds what LRP holds constant
+            shape, dtype, device = capture.output_like
+            return torch.zeros(shape, dtype=dtype, device=device)
+        if not found:
             raise RuntimeError(f"no relevance reached layer '{capture.node_target}' for this target")
-        return scaled[0] if len(scaled) == 1 else scaled
+        return found[0] if len(found) == 1 else found

@@ -27,6 +27,7 @@ from captum_graph import modules as M
 __all__ = [
     "EPSILON_LAYER_TYPES",
     "NEGLIGIBLE_EPSILON",
+    "negligible_epsilon",
     "make_meaningful",
     "zero_additive_constants",
     "ADDITIVE_CONSTANT_NAMES",
@@ -63,6 +64,25 @@ EPSILON_LAYER_TYPES: Tuple[type, ...] = (
 
 #: ``rules=`` for LRP/LayerLRP that makes LRP-epsilon equal LRP-0 in float64.
 NEGLIGIBLE_EPSILON = {EPSILON_LAYER_TYPES: EpsilonRule(1e-15)}
+
+
+def negligible_epsilon(preset: Optional[str] = None) -> Dict[Any, Any]:
+    """``rules=`` making epsilon negligible (1e-15) under ``preset`` without changing its rules.
+
+    Every built-in epsilon type (``captum_graph.rules.EPSILON_TYPES``: also norms and
+    attention) gets ``EpsilonRule(1e-15)``; under ``"attn-lrp"`` the attention keeps
+    AttnLRP's rule and products the uniform split, each with epsilon 1e-15.
+    """
+    from captum_graph.rules import EPSILON_TYPES, AttnLRPAttentionRule, UniformSplitRule
+
+    if preset != "attn-lrp":
+        return {EPSILON_TYPES: EpsilonRule(1e-15)}
+    attention = (M.Attention, M.AttentionMatmul)
+    return {
+        tuple(t for t in EPSILON_TYPES if t not in attention): EpsilonRule(1e-15),
+        M.Attention: AttnLRPAttentionRule(1e-15),
+        (M.Product, M.Matmul, M.AttentionMatmul): UniformSplitRule(1e-15),
+    }
 
 #: Names (last component) of parameters and buffers that add a constant.
 ADDITIVE_CONSTANT_NAMES = frozenset({

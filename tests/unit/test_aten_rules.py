@@ -174,7 +174,7 @@ def test_piecewise_linear_block_equals_gradient_times_input(name):
 def test_product_of_two_signals_in_addcmul_is_refused_with_its_source_line():
     class Square(nn.Module):
         def forward(self, x):
-            return torch.addcmul(x, x, x)  # the refused line
+            return torch.addcmul(x, x, x.flip(1))  # the refused line
 
     model, x = Net(Square()).to(DTYPE).eval(), _x()
     with pytest.raises(UnsupportedOperationError, match=r"block\.addcmul[\s\S]*test_aten_rules.py:\d+: return torch.addcmul"):

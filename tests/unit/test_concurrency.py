@@ -7,6 +7,7 @@ of threads calling ``attribute`` on one model, each with its own explainer or
 all with one, get what a sequential call gives, bit for bit, and none sees
 what another installs.
 """
+import copy
 import sys
 import threading
 from typing import Callable, List
@@ -256,3 +257,27 @@ def test_sequential_calls_reuse_one_working_copy():
     for target in range(3):
         lrp.attribute(x, target=target)
     assert len(cloning._IDLE[lrp.prepared(x).graph_module]) == 1
+
+
+class _NormWithOwnForward(nn.BatchNorm2d):
+    """A batch norm whose forward differs from its base: captured through its operations, so the graph
+    reads its running statistics as attributes (held by plain container modules of the graph)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_a_working_copy_reads_the_values_the_model_has_now():
+    """Buffers written in place after a first call (zeroed statistics, as the zoo's bias-free copies) are
+    what the next call's working copy computes with: it shares them, never freezes a copy of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _NormWithOwnForward(4), nn.Flatten(), nn.LazyLinear(5)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model(x)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    LRP(model).attribute(x, target=1)  # a working copy of the prepared graph now waits in the pool
+    with torch.no_grad():
+        model[1].running_mean.zero_()
+    expected = LRP(copy.deepcopy(model)).attribute(x, target=1)  # another model: captured afresh
+    assert torch.equal(LRP(model).attribute(x, target=1), expected), "the working copy kept the old statistics"

@@ -30,7 +30,10 @@ from helpers.models import FUNCTIONAL_OPS, RELU_SPELLINGS, TINY_MODELS, TinyNet,
 aten = torch.ops.aten
 
 #: The passes of :func:`captum_graph.prepare.rewrite_passes`, in the order prepare() runs them.
-PASS_NAMES = ("remove_inplace", "views_to_reshapes", "calls_to_modules", "qualify_names", "unshare_modules", "functional_to_modules")
+PASS_NAMES = (
+    "remove_inplace", "views_to_reshapes", "calls_to_modules", "qualify_names", "unshare_modules",
+    "elementwise_functions_to_modules", "functional_to_modules",
+)
 
 #: Every operator a pass turns into a module.
 CONVERTED = (

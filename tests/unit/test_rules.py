@@ -581,10 +581,14 @@ PRESET_EXPECTATIONS = {
 }
 
 
+#: Tested in tests/unit/test_transformer_rules.py.
+TRANSFORMER_PRESETS = {"cp-lrp", "attn-lrp"}
+
+
 def test_every_preset_but_epsilon_is_tested():
     """The zennit presets here; their ``-positionwise`` variants in the test after the next."""
     variants = {name + POSITIONWISE for name in PRESET_EXPECTATIONS}
-    assert set(PRESETS) == set(PRESET_EXPECTATIONS) | variants | {"epsilon"}
+    assert set(PRESETS) == set(PRESET_EXPECTATIONS) | variants | TRANSFORMER_PRESETS | {"epsilon"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
@@ -938,7 +942,7 @@ def test_positionwise_presets_give_dense_layers_at_every_position_the_convolutio
 
 
 def test_every_zennit_preset_has_a_positionwise_variant_that_differs_only_there():
-    zennit = [name for name in PRESETS if name != "epsilon" and not name.endswith(POSITIONWISE)]
+    zennit = [name for name in PRESETS if name not in TRANSFORMER_PRESETS | {"epsilon"} and not name.endswith(POSITIONWISE)]
     assert len(zennit) == 5
     for name in zennit:
         base, variant = PRESETS[name], PRESETS[name + POSITIONWISE]

@@ -25,7 +25,7 @@ program reproduces the model's output.
 from typing import Dict, FrozenSet, Set, Tuple
 
 __all__ = [
-    "TIMM_MODELS", "EXCLUDED", "UNSUPPORTED", "NO_GRADCAM", "NO_CONSERVATION", "TIMM_ADDITIVE_CONSTANT_NAMES",
+    "TIMM_MODELS", "EXCLUDED", "UNSUPPORTED", "NO_CONSERVATION", "TIMM_ADDITIVE_CONSTANT_NAMES",
     "TIMM_CONSTANT_MODULES", "FAST", "timm_model_modules", "build", "zero_timm_additive_constants",
 ]
 
@@ -158,12 +158,6 @@ UNSUPPORTED: Dict[str, Tuple[str, str]] = {
                                "rules are not implemented)"),
     "efficientvit_mit": ("aten.div", "ReLU linear attention divides the values' sum by the keys' sum, both from "
                                      "one matmul with a padded column of ones: no rule tells the normaliser apart"),
-}
-
-#: module -> why LayerGradCam(model) finds no layer (LRP still runs and is checked)
-NO_GRADCAM: Dict[str, str] = {
-    "gemma4_vit": "patches are embedded by a linear layer on reshaped pixels: no feature map gives the token grid",
-    "naflexvit": "patches are embedded by a linear layer on reshaped pixels: no feature map gives the token grid",
 }
 
 #: module -> why its bias-free copy still adds a constant, so that the
