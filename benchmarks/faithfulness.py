@@ -306,7 +306,7 @@ def text_methods(model: nn.Module, unknown: Tensor) -> Dict[str, Explain]:
     """Every method that explains a text classifier at its embeddings, each returning ``(N, T)``."""
     from captum.attr import InputXGradient, IntegratedGradients
 
-    from captum_graph.attr import LRP, LayerGradCam
+    from captum_graph.attr import LRP
 
     methods: Dict[str, Explain] = {}
     for name in PRESETS:
@@ -316,11 +316,34 @@ def text_methods(model: nn.Module, unknown: Tensor) -> Dict[str, Explain]:
     methods["integrated_gradients"] = _token_sum(
         lambda x, t: integrated.attribute(x, baselines=unknown.expand_as(x), target=t, n_steps=32).detach()
     )
-    cam = LayerGradCam(model)
-    methods["gradcam"] = lambda x, t: cam.attribute(x, target=t, relu_attributions=True).detach().reshape(x.shape[0], -1)
+    methods["gradcam"] = _token_gradcam(model, model.model.base_model.encoder.layer[-1])
     methods.update({name: _token_sum(explain) for name, explain in _zennit_methods(model, (-1.0, 1.0), per_channel=True).items()})
     methods["random"] = lambda x, t: torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(0))
     return methods
+
+
+def _token_gradcam(model: nn.Module, layer: nn.Module) -> Explain:
+    """Grad-CAM over tokens at ``layer``'s output ``(N, T, hidden)``: hidden units are the channels.
+
+    ``relu(sum_c mean_t(dy/dA_tc) A_tc)`` per token, as Grad-CAM on a ViT's last
+    block. captum_graph's automatic layer is a spatial feature map, which a
+    text model does not have (``LayerGradCam(model)`` says so), and Captum's
+    ``LayerGradCam`` takes dimension 1 of a layer's output as its channels.
+    """
+
+    def explain(x: Tensor, t: Tensor) -> Tensor:
+        outputs = []
+        handle = layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            with torch.enable_grad():
+                logits = model(x.detach())
+                (gradient,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), outputs[0])
+        finally:
+            handle.remove()
+        weights = gradient.mean(1, keepdim=True)
+        return F.relu((weights * outputs[0]).sum(-1)).detach()
+
+    return explain
 
 
 def _token_sum(explain: Explain) -> Explain:
