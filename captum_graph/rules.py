@@ -270,6 +270,7 @@ class _SignedRule(ExplicitRule):
     uses_down = True  # whether the rule needs z_down
 
     def emphasis(self, p: Tensor, positive: bool) -> Tensor:
+        """The weight or bias ``p`` as this rule weighs positive (``positive=True``) or negative contributions."""
         raise NotImplementedError
 
     def ratios(self, relevance: Tensor, output: Callable[[], Tensor], z_up: Tensor, z_down: Optional[Tensor]):

@@ -105,6 +105,12 @@ class _GraphLRPMixin:
                 outputs = _run_forward(gm, inputs, target, additional_forward_args)
                 if not outputs.requires_grad:
                     raise _no_relevance_path(self.model, inputs, assignments)
+                if outputs.dim() == 0:
+                    raise ValueError(
+                        f"LRP on {type(self.model).__name__}: the target output is one value for the whole "
+                        "batch; relevance is explained per example. Return one output per example (Captum's "
+                        "target then selects among them)."
+                    )
                 grads = torch.autograd.grad(outputs, floating + tuple(sources), outputs.detach(), allow_unused=True)
             captured = tuple(r for capture in captures for r in capture.relevance.values())
             if not is_finite((outputs,) + tuple(g for g in grads if g is not None) + captured):

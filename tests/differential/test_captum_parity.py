@@ -521,6 +521,10 @@ def test_layer_method_on_the_graph_equals_captum(model_name, method):
             # a limitation lifted: the graph has one module per call, where Captum's DeepLift refuses a reused one
             assert not isinstance(ours, Exception), f"{where}: {ours!r}"
             continue
+        if isinstance(theirs, Exception) and isinstance(_forward(model, inputs, extra), tuple):
+            # the graph returns the first tensor of a tuple output (README, "Transformers and text"), so
+            # its error, if any, is about that tensor, where Captum's is about the tuple
+            continue
         _assert_same(ours, theirs, where)  # the graph computes with the same ATen operators: bit for bit too
 
 

@@ -267,6 +267,10 @@ def snapshot(model: nn.Module, inputs: Optional[Union[Tensor, Sequence[Tensor]]]
     """Everything of ``model`` an attribution must leave as it was."""
     import torch.nn.modules.module as module_module
 
+    output = None
+    if inputs is not None:  # first: a forward may fill a model's own cache (timm's attention_bias_cache)
+        with torch.no_grad():
+            output = model(*_as_tuple(inputs)).detach().clone()
     state = {}
     for name, module in model.named_modules(remove_duplicate=False):
         state[name] = {
@@ -295,9 +299,8 @@ def snapshot(model: nn.Module, inputs: Optional[Union[Tensor, Sequence[Tensor]]]
         "global_hooks": {name: dict(getattr(module_module, name, {})) for name in _GLOBAL_HOOK_DICTS},
         "global_state": _global_state(),
     }
-    if inputs is not None:
-        with torch.no_grad():
-            result["output"] = model(*_as_tuple(inputs)).detach().clone()
+    if output is not None:
+        result["output"] = output
     return result
 
 

@@ -7,7 +7,10 @@ Nothing here is timed; ``benchmarks/run.py`` measures speed and resident memory.
 """
 import copy
 import gc
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,40 @@ def test_no_reference_to_inputs_or_results_is_kept(method):
     del x, result, results
     gc.collect()
     assert all(ref() is None for ref in refs), "an input or a result is still referenced after the call"
+
+
+_FREED_WITH_THE_MODEL = """
+import gc, sys
+from torch.multiprocessing.reductions import StorageWeakRef
+sys.path.insert(0, "tests"); sys.path.insert(0, "tests/unit")
+from test_memory import ATTRIBUTIONS, _residual, example_input
+from captum_graph.attr import LayerGradCam
+ATTRIBUTIONS["LayerGradCam at a module"] = lambda model, x: LayerGradCam(model, model.block.conv).attribute(x, target=0)
+
+def explain_a_new_model(method):
+    model = _residual()
+    ATTRIBUTIONS[method](model, example_input())
+    return [StorageWeakRef(p.untyped_storage()) for p in model.parameters()]
+
+for method in ATTRIBUTIONS:
+    first = explain_a_new_model(method)
+    for _ in range(3):  # torch refers to its latest capture (and autograd graph) for a while
+        explain_a_new_model(method)
+    gc.collect()
+    print(method, "freed" if all(ref.expired() for ref in first) else "kept")
+"""
+
+
+def test_what_a_model_was_explained_with_is_freed_with_the_model():
+    """Its prepared graphs, their working copies and tapped graphs, which share its parameters'
+    memory, go when the model goes: a process explaining model after model (a zoo, a sweep)
+    does not keep every model's weights. In a process of its own: pytest keeps what a test's
+    log records refer to."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _FREED_WITH_THE_MODEL], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = [line for line in done.stdout.splitlines() if not line.endswith("freed")]
+    assert len(done.stdout.splitlines()) == len(ATTRIBUTIONS) + 1 and not kept, done.stdout
 
 
 def test_prepared_graph_is_reused_by_later_calls_and_other_instances():
