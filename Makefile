@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test docs bench venv clean
+.PHONY: demo test docs bench faithfulness venv clean
 
 demo: $(STAMP)
 	$(PYTHON) -m captum_graph demo
@@ -29,6 +29,10 @@ docs: $(STAMP)
 # zennit (the `bench` extra) is one of the baselines; only the benchmark needs it.
 bench: $(VENV)/.bench-installed
 	$(PYTHON) benchmarks/run.py
+
+# Which explanation finds known evidence (README: "Which explanation is right"); --quick: under 3 minutes.
+faithfulness: $(VENV)/.bench-installed
+	$(PYTHON) benchmarks/faithfulness.py --out benchmarks/results
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(PIP) -e '.[bench]' $(TORCH)

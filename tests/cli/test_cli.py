@@ -25,6 +25,8 @@ pytest.importorskip("PIL")
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
+from captum_graph.demo import DEMO_PRESET  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 
@@ -105,11 +107,11 @@ def test_demo_fast_writes_figures_tables_and_numbers(launched):
     with open(out / "conservation.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4  # --fast explains four digits
-    assert {"logit", "lrp_epsilon", "lrp_epsilon_plus_flat", "input_x_gradient"} <= set(rows[0])
+    assert {"logit", "lrp_epsilon", "lrp_" + DEMO_PRESET.replace("-", "_"), "input_x_gradient"} <= set(rows[0])
     with open(out / "pixel_flipping.csv") as handle:
         flipping = list(csv.DictReader(handle))
     assert flipping[-1]["pixels_deleted"] == "AOPC"
-    for method in ("LRP ε", "LRP epsilon-plus-flat", "Grad-CAM", "Input × Gradient", "random order"):
+    for method in ("LRP ε", f"LRP {DEMO_PRESET}", "Grad-CAM", "Input × Gradient", "random order"):
         assert any(method in line and "AOPC" in line for line in result.stdout.splitlines()), method
     assert str(out.resolve()) in result.stdout  # says where it wrote everything
 
