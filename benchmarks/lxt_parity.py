@@ -34,6 +34,8 @@ import warnings
 
 import torch
 
+from captum_graph.text import LogitsFromEmbeddings
+
 
 def load_lxt_rules() -> types.ModuleType:
     """``lxt.efficient.patches``, imported without running ``lxt/efficient/__init__.py``."""
@@ -61,13 +63,6 @@ def build(hidden: int, layers: int, heads: int, dtype: torch.dtype):
     return model
 
 
-class LogitsFromEmbeddings(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs_embeds=embeddings).logits
 
 
 def _median_seconds(call, repeats: int) -> float:

@@ -50,6 +50,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torchvision
 
+from captum_graph.text import LogitsFromEmbeddings
+
 MODELS = ["resnet50", "vgg16", "densenet121", "efficientnet_b0", "vit_b_16", "bert-base", "gpt2"]
 TARGET = 3
 #: Hugging Face text models at their published sizes (random weights): (config, model class) in transformers.
@@ -77,15 +79,6 @@ class Runner:
 # ---------------------------------------------------------------------------
 # models and methods
 # ---------------------------------------------------------------------------
-class LogitsFromEmbeddings(torch.nn.Module):
-    """A Hugging Face classifier as a function of its input embeddings (what Captum explains)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs_embeds=embeddings).logits
 
 
 def build_model(name: str, size: int) -> torch.nn.Module:

@@ -290,7 +290,7 @@ def shape_check(graph_module: fx.GraphModule):
         for i, node in enumerate(graph_module.graph.find_nodes(op="placeholder"))
         if isinstance(node.meta.get("val"), Tensor)
     ]
-    name = graph_module.__class__.__name__  # not the module: its working copies get this hook
+    model_name = graph_module.__class__.__name__  # not the module: its working copies get this hook
 
     def check(module, args, kwargs):
         for i, name, shape in expected:
@@ -300,7 +300,7 @@ def shape_check(graph_module: fx.GraphModule):
             given = value.shape
             if len(given) != len(shape) or any(s is not None and s != g for s, g in zip(shape, given)):
                 raise CaptureError(
-                    f"the graph of {name} was captured for argument {i} of shape "
+                    f"the graph of {model_name} was captured for argument {i} of shape "
                     f"{_shape_text(shape)}; it is called with {tuple(given)}. "
                     "Call captum_graph with inputs of the shape you explain (it captures again for a new shape)."
                 )

@@ -557,27 +557,27 @@ def test_lrp_equals_captum_where_captum_is_right_else_the_oracle(model_name):
     inputs, extras = _data(recipe)
     for variant, extra in enumerate(extras):
         output = _forward(model, inputs, extra)
-        for (input_label, given), (target_label, target) in _pairs(_lrp_input_forms(inputs), _targets(output)):
+        for (input_label, explained), (target_label, target) in _pairs(_lrp_input_forms(inputs), _targets(output)):
             where = f"{model_name} LRP [{input_label}, {target_label}, additional_forward_args #{variant}]"
             call = dict(target=target, additional_forward_args=extra, return_convergence_delta=True)
             mode = "ixg" if variant in recipe.wrong_with else recipe.lrp
             if mode == "refused":
-                ours = _ours(model, lambda: graph_attr.LRP(model).attribute(given, **call))
+                ours = _ours(model, lambda: graph_attr.LRP(model).attribute(explained, **call))
                 assert isinstance(ours, Exception), f"{where}: refused by Captum ({recipe.why}), not by captum_graph"
                 continue
             rules = None if mode == "captum" else NEGLIGIBLE_EPSILON
-            ours = _ours(model, lambda: graph_attr.LRP(model, rules=rules).attribute(given, **call))
+            ours = _ours(model, lambda: graph_attr.LRP(model, rules=rules).attribute(explained, **call))
             assert not isinstance(ours, Exception), f"{where}: {ours!r}"
             relevance, delta = ours
             if mode == "captum":
-                theirs = _run(lambda: captum_attr.LRP(copy.deepcopy(model)).attribute(given, **call))
+                theirs = _run(lambda: captum_attr.LRP(copy.deepcopy(model)).attribute(explained, **call))
                 _assert_same(ours, theirs, where, exact=False, rtol=1e-10, atol=1e-10)
                 continue
             if mode == "ixg":
-                expected = input_x_gradient(model, given, target, extra)
+                expected = input_x_gradient(model, explained, target, extra)
             else:
-                expected = _tanh_rules_by_hand(given, target)
-                expected = expected if isinstance(given, tuple) else expected[0]
+                expected = _tanh_rules_by_hand(explained, target)
+                expected = expected if isinstance(explained, tuple) else expected[0]
             _assert_same(relevance, expected, f"{where} against {mode} ({recipe.why})", exact=False, rtol=1e-10, atol=1e-10)
             total = sum(r.flatten(1).sum(1) for r in _as_tuple(relevance))
             selected = _select_targets(output, target)

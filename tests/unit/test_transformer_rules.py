@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_graph import modules as M
 from captum_graph.attr import LRP, LayerLRP
 from captum_graph.errors import CaptureError, UnsupportedOperationError
 from captum_graph.passes import elementwise_functions_to_modules
