@@ -296,7 +296,7 @@ def explainers(model: nn.Module, preset: str = DEMO_PRESET) -> Dict[str, Tuple[s
     return {
         "lrp_epsilon": ("LRP ε (Captum's rules)", gradient_based(lrp)),
         f"lrp_{preset.replace('-', '_')}": (f"LRP {preset} (BN folded)", gradient_based(lrp_preset)),
-        "gradcam": (f"Grad-CAM ({cam.layer_name})", gradcam),
+        "gradcam": ("Grad-CAM (automatic layer)", gradcam),
         "input_x_gradient": ("Input × Gradient", gradient_based(ixg)),
     }
 
