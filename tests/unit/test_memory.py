@@ -320,3 +320,29 @@ def test_an_activation_between_epsilon_layers_takes_the_ratio_in_one_step():
         patch.setattr(engine, "fused_ratios", lambda *args: FusedRatios())
         unfused = lrp.attribute(x, target=[1, 3])
     torch.testing.assert_close(found, unfused, rtol=1e-10, atol=1e-12)
+
+
+def test_a_transposed_input_of_a_linear_layer_runs_as_one_matrix_product():
+    """Attention's in-projection reads a sequence-first view; ``aten.linear`` on it would run a
+    batched product with the weight repeated per position (twice as slow on CPUs): LRP hands
+    the layer a contiguous copy, and relevance stays Gradient x Input (oracle 1)."""
+    from helpers.oracles import input_x_gradient, negligible_epsilon
+    from torch.profiler import profile
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.transpose(0, 1), self.proj.weight).relu().sum((0, 2)).unsqueeze(1)
+
+    model = SequenceFirst().double().eval()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    lrp = LRP(model, rules=negligible_epsilon())
+    lrp.attribute(x, target=0)  # prepared
+    with profile() as trace:
+        relevance = lrp.attribute(x, target=0)
+    products = {event.key for event in trace.key_averages()} & {"aten::bmm", "aten::addmm", "aten::mm"}
+    assert "aten::bmm" not in products, products
+    torch.testing.assert_close(relevance, input_x_gradient(model, x, 0))
