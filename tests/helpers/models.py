@@ -35,6 +35,8 @@ __all__ = [
     "SigmoidNet",
     "SharedConvNet",
     "ResidualNet",
+    "AttributeSink",
+    "Forwarding",
 ]
 
 INPUT_SHAPE = (3, 8, 8)
@@ -487,3 +489,39 @@ class _Residual2(nn.Module):
 
     def forward(self, x):
         return x + self.conv2(self.relu(self.conv1(x)))
+
+
+class AttributeSink:
+    """A plain object of the user's, to which a module forwards attributes (:class:`Forwarding`)."""
+
+    def __init__(self) -> None:
+        self.label = "sink"
+
+
+class Forwarding(nn.Module):
+    """Holds ``inner``; every other attribute is written to and read from ``sink``.
+
+    ``torch.compile``'s wrapper forwards attribute writes to the model it
+    wraps in the same way: a copy that sets attributes through
+    ``__setattr__`` writes into the user's objects.
+    """
+
+    def __init__(self, inner: nn.Module, sink: AttributeSink) -> None:
+        super().__init__()
+        self.inner = inner
+        self.__dict__["sink"] = sink
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["sink"], name)
+
+    def __setattr__(self, name, value):
+        if "sink" in self.__dict__ and not isinstance(value, (nn.Module, torch.Tensor)) and not hasattr(type(self), name):
+            setattr(self.__dict__["sink"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x):
+        return self.inner(x)

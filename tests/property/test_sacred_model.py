@@ -36,6 +36,7 @@ from torch.nn.utils import parametrizations
 import captum_graph
 from captum_graph.attr import LayerActivation, LayerGradCam, LayerIntegratedGradients, LayerLRP, LRP
 from captum_graph.rules import PassThroughRule
+from helpers.models import AttributeSink, Forwarding
 from helpers.oracles import assert_untouched
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # Captum's and export's warnings about odd modules
@@ -55,37 +56,6 @@ class Spec:
     method: str
     failure: str
     seed: int
-
-
-class _Sink:
-    """A plain object of the user's."""
-
-    def __init__(self) -> None:
-        self.note = "the user's"
-
-
-class Forwarding(nn.Module):
-    """Holds ``inner``; reads and writes every other attribute on ``sink`` (torch.compile's wrapper does so)."""
-
-    def __init__(self, inner: nn.Module, sink: _Sink) -> None:
-        super().__init__()
-        self.inner = inner
-        self.__dict__["sink"] = sink
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["sink"], name)
-
-    def __setattr__(self, name, value):
-        if "sink" in self.__dict__ and not isinstance(value, (nn.Module, torch.Tensor)) and not hasattr(type(self), name):
-            setattr(self.__dict__["sink"], name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def forward(self, x):
-        return self.inner(x)
 
 
 _ARMED = {"on": False}  # global: torch.export snapshots a module's own attributes
@@ -136,11 +106,11 @@ class SharedBuffers(nn.Module):
         return torch.relu(self.b(self.conv(torch.relu(self.a(x)))))
 
 
-def _block(kind: str, sinks: List[_Sink]) -> nn.Module:
+def _block(kind: str, sinks: List[AttributeSink]) -> nn.Module:
     if kind == "conv":
         return nn.Sequential(_conv(), nn.ReLU())
     if kind == "forwarding":
-        sinks.append(_Sink())
+        sinks.append(AttributeSink())
         return Forwarding(nn.Sequential(_conv(), nn.ReLU()), sinks[-1])
     if kind in ("weight_norm", "spectral_norm", "orthogonal"):
         return nn.Sequential(getattr(parametrizations, kind)(_conv()), nn.ReLU())
@@ -167,10 +137,10 @@ class Net(nn.Module):
         return self.head(torch.flatten(self.pool(self.blocks(torch.relu(self.stem(x)))), 1))
 
 
-def build(spec: Spec) -> Tuple[nn.Module, List[_Sink], list]:
+def build(spec: Spec) -> Tuple[nn.Module, List[AttributeSink], list]:
     """The model, the forwarding modules' plain objects, and the handles of the user's own hooks."""
     torch.manual_seed(spec.seed)
-    sinks: List[_Sink] = []
+    sinks: List[AttributeSink] = []
     blocks = [_block(kind, sinks) for kind, *_ in spec.blocks]
     head = nn.Linear(C, CLASSES)
     model = Net(blocks, parametrizations.orthogonal(head) if spec.head == "orthogonal" else head).double().eval()
@@ -202,7 +172,7 @@ def _call(spec: Spec, model: nn.Module, failure: str) -> Callable[[], object]:
     }[spec.method]
 
 
-def _check(spec: Spec, model: nn.Module, sinks: List[_Sink], call: Callable[[], object], must_raise: bool) -> None:
+def _check(spec: Spec, model: nn.Module, sinks: List[AttributeSink], call: Callable[[], object], must_raise: bool) -> None:
     sink_states = [dict(vars(sink)) for sink in sinks]
     with assert_untouched(model):  # no inputs: a model in train mode would update its own statistics
         try:

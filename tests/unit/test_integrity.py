@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 import captum_graph
 from captum_graph.rules import PassThroughRule
 from captum_graph.attr import LayerGradCam, LayerLRP, LRP
-from helpers.models import TINY_MODELS, SequentialNet, TinyNet, example_input
+from helpers.models import TINY_MODELS, AttributeSink, Forwarding, SequentialNet, TinyNet, example_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")
 
@@ -370,45 +370,9 @@ def test_wrapped_model_is_explained_as_the_model_inside(wrapper, request, assert
     assert [name for name, _ in model.named_children()] == ["stem", "relu", "block", "pool", "fc"]
 
 
-class _Sink:
-    """A plain object of the user's, to which a module forwards attributes."""
-
-    def __init__(self) -> None:
-        self.label = "sink"
-
-
-class Forwarding(nn.Module):
-    """Holds ``inner``; every other attribute is written to and read from ``sink``.
-
-    ``torch.compile``'s wrapper forwards attribute writes to the model it
-    wraps in the same way (the issue's data loss): a copy that sets attributes
-    through ``__setattr__`` writes into the user's objects.
-    """
-
-    def __init__(self, inner: nn.Module, sink: _Sink) -> None:
-        super().__init__()
-        self.inner = inner
-        self.__dict__["sink"] = sink
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["sink"], name)
-
-    def __setattr__(self, name, value):
-        if "sink" in self.__dict__ and not isinstance(value, (nn.Module, torch.Tensor)) and not hasattr(type(self), name):
-            setattr(self.__dict__["sink"], name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 def test_module_forwarding_its_attributes_is_explained_and_untouched(assert_untouched):
     plain = TINY_MODELS["x + relu(conv(x))"]().double().eval()
-    sink = _Sink()
+    sink = AttributeSink()
     model = copy.deepcopy(plain)
     model.block = Forwarding(model.block, sink)
     model.block.inner.train()  # flags are where copies write most (training, inplace, forward)
@@ -426,7 +390,7 @@ def test_module_forwarding_its_attributes_is_explained_and_untouched(assert_unto
 
 def test_model_wrapped_in_a_forwarding_module_is_explained_as_the_model_inside(assert_untouched):
     model = TINY_MODELS["x + relu(conv(x))"]().double().eval()
-    sink = _Sink()
+    sink = AttributeSink()
     wrapper = Forwarding(model, sink)
     x = example_input()
     with assert_untouched(wrapper, x):
