@@ -768,6 +768,27 @@ def _floats(count_hint: str) -> Any:
     return parse
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL, --weights and --num-classes: the model to explain, as explain and attribute take it."""
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (torchvision and timm models are built without weights)")
+    parser.add_argument("--weights", metavar="FILE", help="state_dict to load (torch.load with weights_only=True)")
+    parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="build the model with N outputs, to fit --weights")
+
+
+def _add_method_arguments(what: argparse._ArgumentGroup, preset_names: str, default_methods: str) -> None:
+    """--method, --target, --preset and --layer: how explain and attribute explain."""
+    what.add_argument(
+        "--method", action="append", metavar="METHOD",
+        help=f"lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: {default_methods})",
+    )
+    what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
+    what.add_argument(
+        "--preset", default=None,
+        help=f"LRP rule preset: {preset_names}; epsilon-gamma-box bounds the input by --mean/--std's normalised 0 and 1",
+    )
+    what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
+
+
 def _add_preprocessing_options(group: Any) -> None:
     """``--size``, ``--mean``, ``--std`` and ``--batch-size``, shared by ``explain`` and ``attribute``."""
     group.add_argument("--size", type=int, default=224, help="resize the short side to SIZE, then centre-crop SIZE x SIZE (default: 224)")
@@ -830,23 +851,12 @@ def _parser() -> argparse.ArgumentParser:
         "every token, coloured on a terminal (red for the class, blue against), and with --out write "
         "text_METHOD.html, Captum's visualize_text table.",
     )
-    explain.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (torchvision and timm models are built without weights)")
-    explain.add_argument("--weights", metavar="FILE", help="state_dict to load (torch.load with weights_only=True)")
-    explain.add_argument("--num-classes", type=int, default=None, metavar="N", help="build the model with N outputs, to fit --weights")
+    _add_model_arguments(explain)
     what = explain.add_argument_group("what to explain")
     inputs = what.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", nargs="+", action="extend", metavar="PATH", help="image files (repeatable)")
     inputs.add_argument("--text", nargs="+", action="extend", metavar="TEXT", help="texts, quoted (repeatable); needs an hf:FOLDER model")
-    what.add_argument(
-        "--method", action="append", metavar="METHOD",
-        help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp; text: lrp or ixg)",
-    )
-    what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
-    what.add_argument(
-        "--preset", default=None,
-        help=f"LRP rule preset: {preset_names}; epsilon-gamma-box bounds the input by --mean/--std's normalised 0 and 1",
-    )
-    what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
+    _add_method_arguments(what, preset_names, "lrp; text: lrp or ixg")
     _add_preprocessing_options(explain.add_argument_group("preprocessing"))
     output = explain.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", help="output directory, created if needed (required for images; "
@@ -863,21 +873,10 @@ def _parser() -> argparse.ArgumentParser:
         "processes, CPUs or GPUs, one node or many): each image is explained by one process, and the results are "
         "the same. A file that cannot be read is skipped and listed. --resume continues a stopped run.",
     )
-    attribute.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (torchvision and timm models are built without weights)")
-    attribute.add_argument("--weights", metavar="FILE", help="state_dict to load (torch.load with weights_only=True)")
-    attribute.add_argument("--num-classes", type=int, default=None, metavar="N", help="build the model with N outputs, to fit --weights")
+    _add_model_arguments(attribute)
     what = attribute.add_argument_group("what to explain")
     what.add_argument("--data", required=True, metavar="DIR", help="folder of images, read recursively")
-    what.add_argument(
-        "--method", action="append", metavar="METHOD",
-        help="lrp, gradcam or ixg (InputXGradient); repeat it or give a comma list (default: lrp)",
-    )
-    what.add_argument("--target", default="auto", help="class to explain: 'auto', the predicted class (default), or an index")
-    what.add_argument(
-        "--preset", default=None,
-        help=f"LRP rule preset: {preset_names}; epsilon-gamma-box bounds the input by --mean/--std's normalised 0 and 1",
-    )
-    what.add_argument("--layer", default=None, help="Grad-CAM layer, a module or graph node name (default: chosen automatically)")
+    _add_method_arguments(what, preset_names, "lrp")
     _add_preprocessing_options(attribute.add_argument_group("preprocessing"))
     _add_folder_run_options(attribute, out_option=True)
     run = attribute.add_argument_group("the run")
